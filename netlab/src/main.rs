@@ -1,0 +1,3 @@
+//! `netlab`: Fedmesh's lab (in progress).
+
+fn main() {}

@@ -1,0 +1,275 @@
+//! Fedmesh's developer commands.
+//!
+//! `cargo xtask demo` sets up whatever this machine lacks and runs the main job;
+//! `cargo xtask test` sets up and runs every check CI runs. Setup is idempotent: each step
+//! looks before it installs, so a second run costs seconds.
+//!
+//! What setup owns:
+//! - the Debian packages the build and the tests need (installed with apt-get when missing);
+//! - the project venv (`.venv`, or `FEDMESH_VENV`) holding the PyPI torch wheel, whose libtorch the `tch`
+//!   crate links against, and the Python reference scripts' needs;
+//! - the environment every cargo and binary invocation gets: `LIBTORCH_USE_PYTORCH`, the
+//!   venv on `PATH`, and libtorch's directory on `LD_LIBRARY_PATH`.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+/// The torch wheel whose libtorch `tch` 0.26 expects.
+const TORCH_REQUIREMENT: &str = "torch==2.13.0";
+
+/// Python packages the reference scripts need beside torch.
+const PYTHON_REQUIREMENTS: &[&str] = &["numpy"];
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev", "etcd-server"];
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  setup            install what is missing (Debian packages, the torch venv)
+  demo [args]      set up, then run the main job (extra args go to it)
+  test             set up, then run formatting, lints and every test
+  bench [name]     set up, then run the benchmarks (all, or those of one crate)
+  env              print the environment that built binaries need, as shell exports";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = env::args().skip(1);
+    let command = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    let root = workspace_root()?;
+
+    match command.as_str() {
+        "setup" => setup(&root).map(|_| ()),
+        "demo" => {
+            let env = setup(&root)?;
+            demo(&root, &env, &rest)
+        }
+        "test" => {
+            let env = setup(&root)?;
+            test(&root, &env)
+        }
+        "bench" => {
+            let env = setup(&root)?;
+            bench(&root, &env, &rest)
+        }
+        "env" => {
+            let env = BuildEnv::discover(&root)?;
+            for (key, value) in env.vars() {
+                println!("export {key}={:?}", value.to_string_lossy());
+            }
+            Ok(())
+        }
+        "" | "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = env::var_os("CARGO_MANIFEST_DIR").context("run me through `cargo xtask`")?;
+    let root = Path::new(&manifest)
+        .parent()
+        .context("xtask's manifest has no parent directory")?;
+    Ok(root.to_path_buf())
+}
+
+/// The environment that builds and runs against the venv's libtorch.
+struct BuildEnv {
+    venv: PathBuf,
+    torch_lib: PathBuf,
+}
+
+impl BuildEnv {
+    fn discover(root: &Path) -> Result<Self> {
+        let venv = venv_dir(root);
+        let python = venv.join("bin/python");
+        let out = Command::new(&python)
+            .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+            .output()
+            .with_context(|| format!("running {}", python.display()))?;
+        if !out.status.success() {
+            bail!(
+                "torch is not importable from {}: {}",
+                python.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let torch_dir = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+        Ok(Self {
+            venv,
+            torch_lib: torch_dir.join("lib"),
+        })
+    }
+
+    fn vars(&self) -> Vec<(&'static str, OsString)> {
+        let path = prepend(&self.venv.join("bin"), env::var_os("PATH"));
+        let ld = prepend(&self.torch_lib, env::var_os("LD_LIBRARY_PATH"));
+        vec![
+            ("VIRTUAL_ENV", self.venv.clone().into_os_string()),
+            ("PATH", path),
+            ("LIBTORCH_USE_PYTORCH", "1".into()),
+            ("LD_LIBRARY_PATH", ld),
+            // One libtorch thread per process unless the caller chose otherwise: the default
+            // oversubscribes small machines badly.
+            (
+                "OMP_NUM_THREADS",
+                env::var_os("OMP_NUM_THREADS").unwrap_or_else(|| "1".into()),
+            ),
+        ]
+    }
+
+    fn command(&self, root: &Path, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(root).envs(self.vars());
+        cmd
+    }
+}
+
+fn prepend(dir: &Path, rest: Option<OsString>) -> OsString {
+    let mut paths = vec![dir.to_path_buf()];
+    if let Some(rest) = rest {
+        paths.extend(env::split_paths(&rest));
+    }
+    env::join_paths(paths).unwrap_or_else(|_| dir.as_os_str().to_owned())
+}
+
+fn setup(root: &Path) -> Result<BuildEnv> {
+    install_apt_packages()?;
+    ensure_venv(root)?;
+    BuildEnv::discover(root)
+}
+
+fn install_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let sudo = !is_root();
+    let apt = |args: &[&str]| -> Result<()> {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        check(&mut cmd)
+    };
+    apt(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The project venv: `FEDMESH_VENV` where a build cache outlives the clone (CI), else `.venv`.
+fn venv_dir(root: &Path) -> PathBuf {
+    env::var_os("FEDMESH_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".venv"))
+}
+
+fn ensure_venv(root: &Path) -> Result<()> {
+    let venv = venv_dir(root);
+    let python = venv.join("bin/python");
+    let stamp = venv.join(".fedmesh-requirements");
+    let wanted = std::iter::once(TORCH_REQUIREMENT)
+        .chain(PYTHON_REQUIREMENTS.iter().copied())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(());
+    }
+
+    if !python.exists() {
+        eprintln!("xtask: creating the project venv at {}", venv.display());
+        check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    eprintln!("xtask: installing {} into the venv (a few minutes, once)", wanted.replace('\n', " "));
+    check(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+            .args(wanted.lines()),
+    )?;
+    std::fs::write(&stamp, wanted).context("writing the venv stamp")?;
+    Ok(())
+}
+
+fn check(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo(env: &BuildEnv, root: &Path, args: &[&str]) -> Result<()> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    check(env.command(root, &cargo).args(args))
+}
+
+fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
+    let mut args = vec!["run", "--release", "--package", "fedmesh-netlab", "--", "baseline"];
+    args.extend(rest.iter().map(String::as_str));
+    cargo(env, root, &args)
+}
+
+fn test(root: &Path, env: &BuildEnv) -> Result<()> {
+    cargo(env, root, &["fmt", "--all", "--", "--check"])?;
+    cargo(
+        env,
+        root,
+        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+    )?;
+    cargo(env, root, &["test", "--workspace", "--all-targets"])?;
+    cargo(env, root, &["test", "--workspace", "--doc"])
+}
+
+fn bench(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
+    let mut args = vec!["bench"];
+    match rest.first() {
+        Some(pkg) => args.extend(["--package", pkg.as_str()]),
+        None => args.push("--workspace"),
+    }
+    cargo(env, root, &args)
+}
