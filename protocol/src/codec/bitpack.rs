@@ -121,7 +121,7 @@ pub fn unpack(bytes: &[u8], bits: u32, count: usize) -> Result<Vec<u64>, Bitpack
         });
     }
     let used = count * bits as usize;
-    if used % 8 != 0 && bytes[expected - 1] >> (used % 8) != 0 {
+    if !used.is_multiple_of(8) && bytes[expected - 1] >> (used % 8) != 0 {
         return Err(BitpackError::NonzeroPadding);
     }
 

@@ -532,13 +532,13 @@ fn check_config(config: &CodecConfig, dim: usize) -> Result<(), EncodeError> {
         }
         _ => {}
     }
-    if let Some(q) = config.quantise {
-        if !(1..=8).contains(&q.bits) || q.block == 0 {
-            return Err(EncodeError::Quantisation {
-                bits: q.bits,
-                block: q.block,
-            });
-        }
+    if let Some(q) = config.quantise
+        && (!(1..=8).contains(&q.bits) || q.block == 0)
+    {
+        return Err(EncodeError::Quantisation {
+            bits: q.bits,
+            block: q.block,
+        });
     }
     Ok(())
 }
