@@ -103,7 +103,10 @@ fn every_truncation_of_a_valid_frame_is_an_error() {
 
 proptest! {
     #[test]
-    fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), dim in 0usize..64) {
+    fn random_bytes_never_panic(
+        bytes in prop::collection::vec(any::<u8>(), 0..200),
+        dim in 0usize..64,
+    ) {
         let _ = decode(&bytes, dim);
     }
 

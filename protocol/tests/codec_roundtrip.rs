@@ -281,3 +281,34 @@ fn eight_bit_quantisation_with_zstd_shrinks_a_smooth_update() {
         frame.encode().len()
     );
 }
+
+/// Indices by the definition of top-k: larger magnitude first, then lower index.
+fn by_magnitude(values: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].abs().total_cmp(&values[a].abs()).then(a.cmp(&b)));
+    order
+}
+
+#[test]
+fn top_k_on_large_updates_matches_a_full_sort() {
+    // Large enough for the sampled threshold, with three shapes: Gaussian values; spikes
+    // placed off the sampling stride (the sample then misses them and selection falls
+    // back); and heavy ties.
+    let n = 100_000;
+    let mut gaussian = vec![0f32; n];
+    fedmesh_protocol::update::add_gaussian_noise(&mut gaussian, 1.0, [8; 32]).unwrap();
+    let mut spikes = vec![0.001f32; n];
+    for i in 0..2000 {
+        spikes[i * 37 + 1] = 100.0 + i as f32;
+    }
+    let ties: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+
+    for values in [&gaussian, &spikes, &ties] {
+        let order = by_magnitude(values);
+        for k in [1, 1000, 2000, 30_000] {
+            let mut expected = order[..k].to_vec();
+            expected.sort_unstable();
+            assert_eq!(sparse::top_k_indices(values, k), expected, "k = {k}");
+        }
+    }
+}

@@ -374,17 +374,33 @@ pub fn compress(
     if let (Sparsify::TopK { .. }, Some(idx)) = (config.sparsify, &indices) {
         index_bits = sparse::encode_indices(idx, &mut body);
     }
-    let sent = match config.quantise {
-        Some(q) => quant::encode_into(&selected, q.bits, q.block as usize, q.seed, &mut body)
-            .map_err(|block| EncodeError::QuantRange { block })?,
+    // With a residual, keep what the receiver will reconstruct of the selected values.
+    let mut sent = residual
+        .as_ref()
+        .map(|_| Vec::with_capacity(selected.len()));
+    match config.quantise {
+        Some(q) => quant::encode_into(
+            &selected,
+            q.bits,
+            q.block as usize,
+            q.seed,
+            &mut body,
+            sent.as_mut(),
+        )
+        .map_err(|block| EncodeError::QuantRange { block })?,
         None => {
-            body.extend(selected.iter().flat_map(|x| x.to_le_bytes()));
-            selected.to_vec()
+            body.reserve(selected.len() * 4);
+            selected
+                .iter()
+                .for_each(|x| body.extend_from_slice(&x.to_le_bytes()));
+            if let Some(sent) = sent.as_mut() {
+                sent.extend_from_slice(&selected);
+            }
         }
-    };
+    }
 
     // 4. The residual keeps everything the receiver will not reconstruct.
-    if let Some(r) = residual {
+    if let (Some(r), Some(sent)) = (residual, sent) {
         r.values.copy_from_slice(&corrected);
         match &indices {
             Some(idx) => idx.iter().zip(&sent).for_each(|(&i, s)| r.values[i] -= s),

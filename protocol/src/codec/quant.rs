@@ -17,6 +17,8 @@
 //! follow, bit-packed at `bits` bits per value ([`super::bitpack`]), or one byte each when
 //! `bits` is 8.
 
+use std::borrow::Cow;
+
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -46,8 +48,8 @@ fn level_value(lo: f32, step: f32, q: u32) -> f32 {
     lo + q as f32 * step
 }
 
-/// Appends the scales and then the levels of `values` to `body`, and returns the values a
-/// decoder will reconstruct, for error feedback.
+/// Appends the scales and then the levels of `values` to `body`, and, when `sent` is
+/// given, the values a decoder will reconstruct (for error feedback).
 ///
 /// The values must be finite, `bits` in `1..=8` and `block >= 1`; the caller checks.
 ///
@@ -61,37 +63,51 @@ pub(super) fn encode_into(
     block: usize,
     seed: [u8; 32],
     body: &mut Vec<u8>,
-) -> Result<Vec<f32>, usize> {
+    mut sent: Option<&mut Vec<f32>>,
+) -> Result<(), usize> {
     let top = top_level(bits);
     let mut rng = ChaCha20Rng::from_seed(seed);
-    let mut levels = Vec::with_capacity(values.len());
-    let mut sent = Vec::with_capacity(values.len());
 
-    for (index, chunk) in values.chunks(block).enumerate() {
-        let (lo, step) = block_scale(chunk, top);
+    // 1. Scales first, as the wire has them.
+    let scales: Vec<(f32, f32)> = values.chunks(block).map(|c| block_scale(c, top)).collect();
+    for (index, &(lo, step)) in scales.iter().enumerate() {
         if check_scale(index, lo, step, top).is_err() {
             return Err(index);
         }
         body.extend_from_slice(&lo.to_le_bytes());
         body.extend_from_slice(&step.to_le_bytes());
+    }
 
+    // 2. Levels. At 8 bits they go straight into the body; narrower ones are packed.
+    let start = body.len();
+    body.reserve(values.len());
+    for (chunk, &(lo, step)) in values.chunks(block).zip(&scales) {
         // f64 keeps `x - lo` finite even when the block spans most of the f32 range.
         let inv = if step > 0.0 {
             1.0 / f64::from(step)
         } else {
             0.0
         };
-        for &x in chunk {
-            let t = (f64::from(x) - f64::from(lo)) * inv;
-            let u = f64::from(rng.next_u32()) * (1.0 / 4_294_967_296.0);
-            let q = ((t + u).floor() as u32).min(top);
-            levels.push(q as u8);
-            sent.push(level_value(lo, step, q));
+        let lo64 = f64::from(lo);
+        for pair in chunk.chunks(2) {
+            // One 64-bit draw dithers two values with 32 bits each.
+            let draw = rng.next_u64();
+            for (j, &x) in pair.iter().enumerate() {
+                let u = f64::from((draw >> (32 * j)) as u32) * (1.0 / 4_294_967_296.0);
+                let q = (((f64::from(x) - lo64) * inv + u) as u32).min(top);
+                body.push(q as u8);
+            }
+        }
+        if let Some(sent) = sent.as_deref_mut() {
+            let levels = &body[body.len() - chunk.len()..];
+            sent.extend(levels.iter().map(|&q| level_value(lo, step, u32::from(q))));
         }
     }
-
-    pack_levels(&levels, bits, body);
-    Ok(sent)
+    if bits < 8 {
+        let levels = body.split_off(start);
+        pack_levels(&levels, bits, body);
+    }
+    Ok(())
 }
 
 /// `lo` and the smallest `f32` step with `lo + top * step >= max` in exact arithmetic.
@@ -110,10 +126,6 @@ fn block_scale(chunk: &[f32], top: u32) -> (f32, f32) {
 }
 
 fn pack_levels(levels: &[u8], bits: u8, body: &mut Vec<u8>) {
-    if bits == 8 {
-        body.extend_from_slice(levels);
-        return;
-    }
     let mut wide = Vec::with_capacity(PACK_CHUNK);
     for chunk in levels.chunks(PACK_CHUNK) {
         wide.clear();
@@ -183,9 +195,9 @@ fn check_scale(block: usize, lo: f32, step: f32, top: u32) -> Result<(), DecodeE
     Ok(())
 }
 
-fn unpack_levels(bytes: &[u8], bits: u8, count: usize) -> Result<Vec<u8>, DecodeError> {
+fn unpack_levels(bytes: &[u8], bits: u8, count: usize) -> Result<Cow<'_, [u8]>, DecodeError> {
     if bits == 8 {
-        return Ok(bytes.to_vec());
+        return Ok(Cow::Borrowed(bytes));
     }
     // Every chunk but the last spans whole bytes (PACK_CHUNK is a multiple of 8), so the
     // stream splits at chunk boundaries; only the last chunk has padding to check.
@@ -202,5 +214,5 @@ fn unpack_levels(bytes: &[u8], bits: u8, count: usize) -> Result<Vec<u8>, Decode
         out.extend(wide.iter().map(|&q| q as u8));
         left -= n;
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
 }

@@ -40,20 +40,66 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
         return Vec::new();
     }
 
+    // On a large update, a sample gives a floor under the k-th largest magnitude, and the
+    // exact selection runs over the few values above it. Everything at or above the true
+    // threshold is a candidate, so the result is the same as a full selection; when the
+    // floor turns out too high (fewer than k candidates), fall back to the full selection.
+    if let Some(floor) = sampled_floor(values, k) {
+        let candidates: Vec<usize> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| x.abs() >= floor)
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.len() >= k && candidates.len() <= n / 4 {
+            return top_k_among(values, candidates.iter().copied(), k);
+        }
+    }
+    top_k_among(values, 0..n, k)
+}
+
+/// Sample size for [`sampled_floor`]; updates under 4 times this are selected directly.
+const SAMPLE: usize = 1 << 14;
+
+/// A magnitude that about `2k + 32 n / SAMPLE` values exceed, estimated from a strided
+/// sample, or `None` when the update is small or `k` is not a small fraction of it.
+fn sampled_floor(values: &[f32], k: usize) -> Option<f32> {
+    let n = values.len();
+    if n < 4 * SAMPLE {
+        return None;
+    }
+    let stride = n / SAMPLE;
+    let mut sample: Vec<f32> = values.iter().step_by(stride).map(|x| x.abs()).collect();
+    let rank = (2 * k).checked_mul(sample.len())? / n + 32;
+    if rank >= sample.len() / 4 {
+        return None;
+    }
+    let (_, &mut floor, _) = sample.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
+    Some(floor)
+}
+
+/// The `k` largest magnitudes among `candidates` (increasing indices, `k <= count`),
+/// ties to the lower index.
+fn top_k_among(
+    values: &[f32],
+    candidates: impl Iterator<Item = usize> + Clone,
+    k: usize,
+) -> Vec<usize> {
     // 1. The k-th largest magnitude, by selection in linear time.
-    let mut mags: Vec<f32> = values.iter().map(|x| x.abs()).collect();
-    let (_, &mut threshold, above) = mags.select_nth_unstable_by(n - k, f32::total_cmp);
-    let greater = above.iter().filter(|&&m| m > threshold).count();
+    let mut mags: Vec<f32> = candidates.clone().map(|i| values[i].abs()).collect();
+    let m = mags.len();
+    let (_, &mut threshold, above) = mags.select_nth_unstable_by(m - k, f32::total_cmp);
+    let greater = above.iter().filter(|&&a| a > threshold).count();
 
     // 2. One pass in index order: everything above the threshold, and as many values equal
     //    to it as are needed to make k.
     let mut ties = k - greater;
     let mut out = Vec::with_capacity(k);
-    for (i, x) in values.iter().enumerate() {
-        let m = x.abs();
-        if m > threshold {
+    for i in candidates {
+        let a = values[i].abs();
+        if a > threshold {
             out.push(i);
-        } else if m == threshold && ties > 0 {
+        } else if a == threshold && ties > 0 {
             out.push(i);
             ties -= 1;
         }
