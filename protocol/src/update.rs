@@ -3,7 +3,7 @@
 //! A store turns its trained weights into an update in three steps, in this order:
 //!
 //! 1. [`delta`]: local minus global weights over the shared parameters, flattened in the
-//!    order of [`ParamLayout`](crate::params::ParamLayout);
+//!    order of [`ParamLayout`];
 //! 2. [`clip_l2`]: scale the update down so its L2 norm is at most the plan's clip norm,
 //!    which bounds any one store's influence on the sum;
 //! 3. [`add_gaussian_noise`]: add the store's share of the differential-privacy noise,

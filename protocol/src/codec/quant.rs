@@ -29,6 +29,9 @@ use super::bitpack;
 /// ends on a byte boundary and the chunks concatenate into one packed stream.
 const PACK_CHUNK: usize = 4096;
 
+/// Scales a 32-bit dither to `[0, 1)`.
+const TWO_POW_MINUS_32: f64 = 1.0 / 4_294_967_296.0;
+
 /// Bytes of one block's scale on the wire.
 pub(super) const SCALE_LEN: usize = 8;
 
@@ -78,28 +81,33 @@ pub(super) fn encode_into(
         body.extend_from_slice(&step.to_le_bytes());
     }
 
-    // 2. Levels. At 8 bits they go straight into the body; narrower ones are packed.
+    // 2. Levels, one byte each for now, written in place. The dither comes a block at a
+    //    time, 32 bits per value.
     let start = body.len();
-    body.reserve(values.len());
-    for (chunk, &(lo, step)) in values.chunks(block).zip(&scales) {
-        // f64 keeps `x - lo` finite even when the block spans most of the f32 range.
+    body.resize(start + values.len(), 0);
+    let mut dither = vec![0u8; 4 * block.min(values.len())];
+    let blocks = values.chunks(block).zip(body[start..].chunks_mut(block));
+    for ((chunk, levels), &(lo, step)) in blocks.zip(&scales) {
+        let dither = &mut dither[..4 * chunk.len()];
+        rng.fill_bytes(dither);
+
+        // f64 keeps `x - lo` finite even when the block spans most of the f32 range; the
+        // cast truncates toward zero (the floor here) and saturates below at 0.
         let inv = if step > 0.0 {
             1.0 / f64::from(step)
         } else {
             0.0
         };
         let lo64 = f64::from(lo);
-        for pair in chunk.chunks(2) {
-            // One 64-bit draw dithers two values with 32 bits each.
-            let draw = rng.next_u64();
-            for (j, &x) in pair.iter().enumerate() {
-                let u = f64::from((draw >> (32 * j)) as u32) * (1.0 / 4_294_967_296.0);
-                let q = (((f64::from(x) - lo64) * inv + u) as u32).min(top);
-                body.push(q as u8);
-            }
+        for ((x, q), d) in chunk
+            .iter()
+            .zip(levels.iter_mut())
+            .zip(dither.chunks_exact(4))
+        {
+            let u = f64::from(u32::from_le_bytes([d[0], d[1], d[2], d[3]])) * TWO_POW_MINUS_32;
+            *q = (((f64::from(*x) - lo64) * inv + u) as u32).min(top) as u8;
         }
         if let Some(sent) = sent.as_deref_mut() {
-            let levels = &body[body.len() - chunk.len()..];
             sent.extend(levels.iter().map(|&q| level_value(lo, step, u32::from(q))));
         }
     }
