@@ -1,0 +1,122 @@
+//! Liveness: keepalives hold an idle connection open, and a vanished peer is noticed
+//! within the keepalive timeout.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use common::{Lab, router, start_server};
+use fedmesh_transport::{Client, KeepAlive, Protocol};
+use tokio::net::UdpSocket;
+
+const KEEPALIVE: KeepAlive = KeepAlive {
+    interval: Duration::from_millis(200),
+    timeout: Duration::from_secs(1),
+};
+
+/// Forwards UDP between one client and the server; once cut, drops everything both ways,
+/// like a store whose WAN link died.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server: SocketAddr) -> Result<Self> {
+        let front = UdpSocket::bind("127.0.0.1:0").await?;
+        let back = UdpSocket::bind("127.0.0.1:0").await?;
+        back.connect(server).await?;
+        let addr = front.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let cut = Arc::clone(&cut);
+            async move {
+                let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+                let mut client = None;
+                loop {
+                    tokio::select! {
+                        Ok((n, from)) = front.recv_from(&mut up) => {
+                            client = Some(from);
+                            if !cut.load(Ordering::Relaxed) {
+                                let _ = back.send(&up[..n]).await;
+                            }
+                        }
+                        Ok(n) = back.recv(&mut down) => {
+                            if let (Some(to), false) = (client, cut.load(Ordering::Relaxed)) {
+                                let _ = front.send_to(&down[..n], to).await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Self { addr, cut, task })
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn idle_connection_outlives_the_idle_timeout() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let server = start_server(lab.source("core", "/core")?, router(None)).await?;
+    let mut config = common::client_config(&server);
+    config.keepalive = KEEPALIVE;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+    client.get("/whoami").await?;
+
+    // Three idle timeouts without a request: only keepalives flow.
+    tokio::time::sleep(3 * KEEPALIVE.timeout).await;
+    assert_eq!(client.protocol().await, Some(Protocol::Http3));
+    assert_eq!(
+        server.quic_connections(),
+        1,
+        "the server kept the same connection"
+    );
+    client.get("/whoami").await?;
+    assert_eq!(server.quic_connections(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn vanished_peer_is_detected_within_the_keepalive_timeout() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let server = start_server(lab.source("core", "/core")?, router(None)).await?;
+    let relay = Relay::start(server.quic_addr()).await?;
+    let mut config = common::client_config(&server);
+    config.quic_addr = relay.addr;
+    config.keepalive = KEEPALIVE;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+    assert_eq!(client.get("/whoami").await?.protocol(), Protocol::Http3);
+
+    // Cut the link: no close frame reaches either side.
+    relay.cut.store(true, Ordering::Relaxed);
+    let cut_at = Instant::now();
+    while client.protocol().await.is_some() && cut_at.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let detected = cut_at.elapsed();
+    // The idle timeout is 1 s; allow two more for timer slack on a loaded machine.
+    assert!(
+        detected < Duration::from_secs(3),
+        "dead peer noticed after {detected:?}"
+    );
+    while server.quic_connections() > 0 && cut_at.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        server.quic_connections(),
+        0,
+        "the server also dropped the connection"
+    );
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Resumable, content-addressed uploads.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use common::{Lab, router, same_contents, start_server, write_pattern_file};
+use fedmesh_transport::transfer::ObjectStore;
+use fedmesh_transport::{Client, ClientError, Server, ServerConfig};
+use http::StatusCode;
+
+const CHUNK: u64 = 256 << 10;
+
+/// Binds a server on exactly the addresses of a stopped one, retrying while the old
+/// sockets are released.
+async fn restart_on(
+    quic: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+    lab: &Lab,
+    store: &Arc<ObjectStore>,
+) -> Result<Server> {
+    let source = lab.source("core2", "/core")?;
+    let mut last = None;
+    for _ in 0..40 {
+        let config = ServerConfig {
+            quic_addr: quic,
+            tcp_addr: Some(tcp),
+            keepalive: common::fast_keepalive(),
+        };
+        match Server::bind(config, source.clone(), router(Some(store))).await {
+            Ok(server) => return Ok(server),
+            Err(error) => last = Some(error),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last.context("no bind attempt")?.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_cut_by_server_restart_resumes_without_resending_acknowledged_chunks() -> Result<()>
+{
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let (quic, tcp) = (server.quic_addr(), server.tcp_addr().context("tcp")?);
+
+    // 16 MiB in 256 KiB chunks: 64 chunks.
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 16 << 20, 42)?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    config.retry.max_attempts = 30;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+
+    // 1. Start the upload and kill the server once a quarter of the chunks are in.
+    let mut progress = store.progress();
+    let upload = tokio::spawn({
+        let client = client.clone();
+        let file = file.clone();
+        async move { client.put_object(&file).await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|n| *n >= 16)).await??;
+    server.abort().await;
+    let acknowledged = store.stats().chunks_written;
+    assert!(
+        acknowledged < 64,
+        "the upload finished before the cut; nothing to resume"
+    );
+
+    // 2. The same receiver comes back on the same addresses; the sender resumes.
+    let _server = restart_on(quic, tcp, &lab, &store).await?;
+    let report = tokio::time::timeout(Duration::from_secs(60), upload).await???;
+
+    // 3. Every chunk was written exactly once, and the second attempt started where the
+    //    receiver's acknowledgements ended.
+    let stats = store.stats();
+    assert_eq!(stats.chunks_written, 64);
+    assert_eq!(stats.duplicate_chunks, 0);
+    assert_eq!(report.resumed_from.first(), Some(&0));
+    assert_eq!(
+        report.resumed_from.get(1),
+        Some(&acknowledged),
+        "report: {report:?}"
+    );
+    let received = store.object_path(&report.digest).context("object stored")?;
+    assert!(same_contents(&received, &file)?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn resending_a_complete_object_sends_nothing() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let file = lab.path("model.bin");
+    write_pattern_file(&file, 3 * CHUNK + 100, 7)?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+
+    let first = client.put_object(&file).await?;
+    assert!(!first.already_present);
+    let written = store.stats().chunks_written;
+    assert_eq!(written, 4, "3 full chunks and one of 100 bytes");
+
+    let second = client.put_object(&file).await?;
+    assert!(second.already_present);
+    assert_eq!(second.digest, first.digest);
+    assert_eq!(store.stats().chunks_written, written);
+    assert_eq!(store.stats().objects_completed, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sender_refuses_object_over_limit_before_connecting() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let file = lab.path("big.bin");
+    write_pattern_file(&file, 2 << 20, 1)?;
+    let mut config = common::client_config(&server);
+    config.max_object_size = 1 << 20;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+
+    match client.put_object(&file).await {
+        Err(ClientError::ObjectTooLarge { size, limit }) => {
+            assert_eq!((size, limit), (2 << 20, 1 << 20));
+        }
+        other => panic!("expected ObjectTooLarge, got {other:?}"),
+    }
+    assert_eq!(client.protocol().await, None, "no connection was opened");
+    assert_eq!(server.quic_connections(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn receiver_refuses_object_over_its_limit() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 20)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let file = lab.path("big.bin");
+    write_pattern_file(&file, 2 << 20, 1)?;
+    let client = common::client(&server, lab.source("store", "/store/emea/0042")?)?;
+
+    match client.put_object(&file).await {
+        Err(ClientError::Status { status, message }) => {
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert!(message.contains("exceeds"), "{message}");
+        }
+        other => panic!("expected 413, got {other:?}"),
+    }
+    assert_eq!(store.stats().chunks_written, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn downloads_a_stored_object_byte_identical() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let file = lab.path("model.bin");
+    write_pattern_file(&file, 5 << 20, 9)?;
+    let client = common::client(&server, lab.source("store", "/store/emea/0042")?)?;
+    let report = client.put_object(&file).await?;
+
+    let mut response = client
+        .get(&format!("/objects/{}/data", report.digest))
+        .await?;
+    let copy = lab.path("copy.bin");
+    let mut out = std::fs::File::create(&copy)?;
+    while let Some(piece) = response.body_mut().chunk().await? {
+        std::io::Write::write_all(&mut out, &piece)?;
+    }
+    drop(out);
+    assert!(same_contents(&copy, &file)?);
+    Ok(())
+}
