@@ -312,3 +312,59 @@ fn top_k_on_large_updates_matches_a_full_sort() {
         }
     }
 }
+
+#[test]
+fn rejects_bad_input_and_settings_leaving_the_residual_alone() {
+    use fedmesh_protocol::codec::EncodeError;
+
+    let dense = config(Sparsify::Dense, None, false);
+    let mut residual = Residual::from_values(vec![0.5; 3]);
+    let err = compress(&[1.0, f32::NAN, 0.0], &dense, Some(&mut residual)).unwrap_err();
+    assert!(matches!(err, EncodeError::NonFinite { index: 1, .. }));
+    assert_eq!(residual.values(), [0.5; 3]);
+
+    // The update plus the residual overflows to infinity.
+    let mut big = Residual::from_values(vec![f32::MAX]);
+    let err = compress(&[f32::MAX], &dense, Some(&mut big)).unwrap_err();
+    assert!(matches!(err, EncodeError::NonFinite { index: 0, .. }));
+    assert_eq!(big.values(), [f32::MAX]);
+
+    let err = compress(&[1.0; 4], &dense, Some(&mut residual)).unwrap_err();
+    assert_eq!(
+        err,
+        EncodeError::ResidualLength {
+            update: 4,
+            residual: 3
+        }
+    );
+
+    let err = compress(
+        &[1.0; 4],
+        &config(Sparsify::TopK { k: 5 }, None, false),
+        None,
+    );
+    assert_eq!(err.unwrap_err(), EncodeError::K { k: 5, dim: 4 });
+
+    for (bits, block) in [(0, 16), (9, 16), (8, 0)] {
+        let q = Quantise {
+            bits,
+            block,
+            seed: [0; 32],
+        };
+        let err = compress(&[1.0; 4], &config(Sparsify::Dense, Some(q), false), None);
+        assert_eq!(err.unwrap_err(), EncodeError::Quantisation { bits, block });
+    }
+
+    // A block spanning nearly all of f32 has a top level that would decode to infinity.
+    let q = Quantise {
+        bits: 8,
+        block: 2,
+        seed: [0; 32],
+    };
+    let err = compress(
+        &[-f32::MAX, f32::MAX],
+        &config(Sparsify::Dense, Some(q), false),
+        None,
+    );
+    assert_eq!(err.unwrap_err(), EncodeError::QuantRange { block: 0 });
+}

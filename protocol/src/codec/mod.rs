@@ -399,16 +399,7 @@ pub fn compress(
         }
     }
 
-    // 4. The residual keeps everything the receiver will not reconstruct.
-    if let (Some(r), Some(sent)) = (residual, sent) {
-        r.values.copy_from_slice(&corrected);
-        match &indices {
-            Some(idx) => idx.iter().zip(&sent).for_each(|(&i, s)| r.values[i] -= s),
-            None => r.values.iter_mut().zip(&sent).for_each(|(v, s)| *v -= s),
-        }
-    }
-
-    // 5. Entropy coding.
+    // 4. Entropy coding.
     let body_len = body.len() as u64;
     let payload = match config.zstd_level {
         Some(level) => {
@@ -416,6 +407,15 @@ pub fn compress(
         }
         None => body,
     };
+
+    // 5. The residual keeps everything the receiver will not reconstruct.
+    if let (Some(r), Some(sent)) = (residual, sent) {
+        r.values.copy_from_slice(&corrected);
+        match &indices {
+            Some(idx) => idx.iter().zip(&sent).for_each(|(&i, s)| r.values[i] -= s),
+            None => r.values.iter_mut().zip(&sent).for_each(|(v, s)| *v -= s),
+        }
+    }
 
     Ok(EncodedUpdate {
         stages: Stages {
