@@ -6,3 +6,5 @@
 //! maths read no clock and open no socket; the service drives them with the time and the
 //! messages it received. The command line (`core-agg`) plans DP budgets and rolls the
 //! registry back.
+
+pub mod strategy;
