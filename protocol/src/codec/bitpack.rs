@@ -8,8 +8,9 @@
 //! value `i` is its bit field at offset `i * bits`. A stream of `count` values is exactly
 //! `ceil(count * bits / 8)` bytes long, and the unused high bits of its last byte are zero.
 //!
-//! Both directions move 64-bit words through a 128-bit accumulator rather than single bits,
-//! so a stream packs and unpacks at memory speed for every width.
+//! Packing moves 64-bit words through a 128-bit accumulator rather than single bits;
+//! unpacking reads each value with one unaligned 64-bit load (widths up to 57) or through
+//! the same accumulator (wider), so neither direction touches bits one at a time.
 
 use thiserror::Error;
 
@@ -127,6 +128,21 @@ pub fn unpack(bytes: &[u8], bits: u32, count: usize) -> Result<Vec<u64>, Bitpack
 
     let limit = mask(bits);
     let mut out = Vec::with_capacity(count);
+    if bits <= 57 {
+        // A value starts at most 7 bits into its first byte, so one unaligned 64-bit read
+        // holds all of it; this loop has no data-dependent branch but the stream's end.
+        for i in 0..count {
+            let offset = i * bits as usize;
+            let rest = &bytes[offset / 8..];
+            let word = match rest.first_chunk::<8>() {
+                Some(chunk) => u64::from_le_bytes(*chunk),
+                None => tail_word(rest),
+            };
+            out.push((word >> (offset % 8)) & limit);
+        }
+        return Ok(out);
+    }
+
     let mut words = bytes.chunks_exact(8);
     let mut acc: u128 = 0;
     let mut filled: u32 = 0;
