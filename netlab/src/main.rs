@@ -1,3 +1,64 @@
-//! `netlab`: Fedmesh's lab (in progress).
+//! `netlab`: Fedmesh's lab.
+//!
+//! `netlab baseline` trains the reference models on the vendored Dominick's data and prints
+//! their test RMSE as one JSON object, the yardstick federated runs are compared with.
 
-fn main() {}
+mod baseline;
+mod ridge;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Fedmesh's lab.
+#[derive(Debug, Parser)]
+#[command(name = "netlab", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train the centralised and local reference models and print their test RMSE as JSON.
+    Baseline(BaselineArgs),
+}
+
+/// Options of `netlab baseline`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BaselineArgs {
+    /// Directory holding sales.csv.gz and stores.csv.
+    #[arg(long, default_value = "data/dominicks-oj")]
+    pub data: PathBuf,
+    /// Feature spec (TOML); the built-in Dominick's recipe when absent.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Seed for model initialisation and shuffling.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// libtorch threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Epochs for the MLPs.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match Cli::parse().command {
+        Command::Baseline(args) => {
+            let report = baseline::run(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+    }
+    Ok(())
+}
