@@ -2,8 +2,9 @@
 //!
 //! Every connection is mutually authenticated; handlers receive the caller's
 //! [`PeerIdentity`] with each [`Request`]. A connection is closed when the peer's
-//! certificate expires, and every request re-checks the expiry, so a resumed TLS session
-//! cannot carry an expired identity past the handshake.
+//! certificate expires, and every request re-checks the expiry and, when the trust bundle
+//! has changed, the chain, so neither a resumed TLS session nor a long-lived connection
+//! carries an expired or no longer trusted identity past the handshake.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,13 +16,13 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
 use crate::body::{Protocol, RecvBody, RecvInner, SendBody};
-use crate::identity::{PeerIdentity, SvidSource};
+use crate::identity::{PeerIdentity, SvidSource, TrustBundle};
 use crate::retry::KeepAlive;
 use crate::tls::{self, ALPN_H2, ALPN_H3};
 
@@ -313,7 +314,10 @@ impl Server {
         source: Arc<dyn SvidSource>,
         router: Router,
     ) -> Result<Self, ServerError> {
-        let router = Arc::new(router);
+        let shared = Arc::new(Shared {
+            router,
+            source: Arc::clone(&source),
+        });
 
         // 1. HTTP/3 on QUIC.
         let tls = tls::server_config(&source, ALPN_H3)?;
@@ -333,7 +337,7 @@ impl Server {
         })?;
         let mut tasks = vec![tokio::spawn(accept_quic(
             endpoint.clone(),
-            Arc::clone(&router),
+            Arc::clone(&shared),
         ))];
 
         // 2. HTTP/2 on TCP, same identities and routes.
@@ -352,7 +356,7 @@ impl Server {
             tasks.push(tokio::spawn(accept_tcp(
                 listener,
                 acceptor,
-                router,
+                shared,
                 config.keepalive,
             )));
         }
@@ -415,21 +419,21 @@ pub(crate) fn transport_config(
     Ok(transport)
 }
 
-async fn accept_quic(endpoint: quinn::Endpoint, router: Arc<Router>) {
+async fn accept_quic(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     // Connection tasks live in the set, so aborting this task ends them all.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                connections.spawn(serve_quic(incoming, Arc::clone(&router)));
+                connections.spawn(serve_quic(incoming, Arc::clone(&shared)));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 }
 
-async fn serve_quic(incoming: quinn::Incoming, router: Arc<Router>) {
+async fn serve_quic(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(conn) => conn,
@@ -439,7 +443,7 @@ async fn serve_quic(incoming: quinn::Incoming, router: Arc<Router>) {
             return;
         }
     };
-    let Some(peer) = quic_peer(&conn) else {
+    let Some(peer) = quic_peer(&conn).map(Arc::new) else {
         conn.close(quinn::VarInt::from_u32(0x1003), b"no peer identity");
         return;
     };
@@ -449,28 +453,28 @@ async fn serve_quic(incoming: quinn::Incoming, router: Arc<Router>) {
     {
         Ok(h3) => h3,
         Err(error) => {
-            debug!(peer.id = %peer, %error, "http/3 setup failed");
+            debug!(peer.id = %peer.identity, %error, "http/3 setup failed");
             return;
         }
     };
 
-    let expiry = tokio::time::sleep(until(peer.not_after()));
+    let expiry = tokio::time::sleep(until(peer.identity.not_after()));
     tokio::pin!(expiry);
     let mut requests = JoinSet::new();
     loop {
         tokio::select! {
             () = &mut expiry => {
-                info!(peer.id = %peer, "closing connection: peer certificate expired");
+                info!(peer.id = %peer.identity, "closing connection: peer certificate expired");
                 conn.close(quinn::VarInt::from_u32(CLOSE_PEER_EXPIRED), b"peer certificate expired");
                 return;
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    requests.spawn(serve_h3_request(resolver, peer.clone(), Arc::clone(&router)));
+                    requests.spawn(serve_h3_request(resolver, Arc::clone(&peer), Arc::clone(&shared)));
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    debug!(peer.id = %peer, %error, "http/3 connection ended");
+                    debug!(peer.id = %peer.identity, %error, "http/3 connection ended");
                     break;
                 }
             },
@@ -482,11 +486,11 @@ async fn serve_quic(incoming: quinn::Incoming, router: Arc<Router>) {
 
 type H3Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
-async fn serve_h3_request(resolver: H3Resolver, peer: PeerIdentity, router: Arc<Router>) {
+async fn serve_h3_request(resolver: H3Resolver, peer: Arc<ConnectionPeer>, shared: Arc<Shared>) {
     let (head, stream) = match resolver.resolve_request().await {
         Ok(resolved) => resolved,
         Err(error) => {
-            debug!(peer.id = %peer, %error, "bad http/3 request");
+            debug!(peer.id = %peer.identity, %error, "bad http/3 request");
             return;
         }
     };
@@ -497,12 +501,12 @@ async fn serve_h3_request(resolver: H3Resolver, peer: PeerIdentity, router: Arc<
         parts.method,
         parts.uri,
         parts.headers,
-        peer,
+        peer.identity.clone(),
         Protocol::Http3,
         body,
     );
 
-    let (head, mut body) = handle(&router, request).await.into_parts();
+    let (head, mut body) = handle(&shared, &peer, request).await.into_parts();
     if let Err(error) = send.send_response(head).await {
         debug!(%error, "cannot send http/3 response");
         return;
@@ -529,7 +533,7 @@ async fn serve_h3_request(resolver: H3Resolver, peer: PeerIdentity, router: Arc<
 async fn accept_tcp(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    router: Arc<Router>,
+    shared: Arc<Shared>,
     keepalive: KeepAlive,
 ) {
     let mut connections = JoinSet::new();
@@ -538,7 +542,7 @@ async fn accept_tcp(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let acceptor = acceptor.clone();
-                    connections.spawn(serve_tcp(stream, acceptor, Arc::clone(&router), keepalive));
+                    connections.spawn(serve_tcp(stream, acceptor, Arc::clone(&shared), keepalive));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -554,7 +558,7 @@ async fn accept_tcp(
 async fn serve_tcp(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
-    router: Arc<Router>,
+    shared: Arc<Shared>,
     keepalive: KeepAlive,
 ) {
     let remote = stream.peer_addr().ok();
@@ -570,21 +574,17 @@ async fn serve_tcp(
             return;
         }
     };
-    let peer = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|certs| certs.first());
-    let Some(peer) = peer.and_then(|leaf| PeerIdentity::from_certificate(leaf).ok()) else {
+    let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+    let Some(peer) = chain.and_then(ConnectionPeer::new).map(Arc::new) else {
         return;
     };
 
-    let expiry_at = until(peer.not_after());
-    let service_peer = peer.clone();
+    let expiry_at = until(peer.identity.not_after());
+    let service_peer = Arc::clone(&peer);
     let service =
         hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let router = Arc::clone(&router);
-            let peer = service_peer.clone();
+            let shared = Arc::clone(&shared);
+            let peer = Arc::clone(&service_peer);
             async move {
                 let (parts, body) = request.into_parts();
                 let body = RecvBody::new(RecvInner::H2(body));
@@ -592,11 +592,11 @@ async fn serve_tcp(
                     parts.method,
                     parts.uri,
                     parts.headers,
-                    peer,
+                    peer.identity.clone(),
                     Protocol::Http2,
                     body,
                 );
-                let (head, body) = handle(&router, request).await.into_parts();
+                let (head, body) = handle(&shared, &peer, request).await.into_parts();
                 Ok::<_, Infallible>(head.map(|()| body.into_http_body()))
             }
         });
@@ -608,30 +608,86 @@ async fn serve_tcp(
     tokio::select! {
         result = connection => {
             if let Err(error) = result {
-                debug!(peer.id = %peer, %error, "http/2 connection ended");
+                debug!(peer.id = %peer.identity, %error, "http/2 connection ended");
             }
         }
         () = tokio::time::sleep(expiry_at) => {
             // Dropping the connection closes the socket.
-            info!(peer.id = %peer, "closing connection: peer certificate expired");
+            info!(peer.id = %peer.identity, "closing connection: peer certificate expired");
         }
     }
 }
 
-/// Runs the handler after re-checking the peer's expiry: TLS session resumption skips
-/// certificate verification, so the handshake alone is not enough.
-async fn handle(router: &Router, request: Request) -> Response {
-    if request.peer().is_expired_at(SystemTime::now()) {
-        info!(peer.id = %request.peer(), "request refused: peer certificate expired");
-        return Response::text(StatusCode::UNAUTHORIZED, "peer certificate expired");
-    }
-    router.dispatch(request).await
+/// What every connection task of a server shares.
+struct Shared {
+    router: Router,
+    source: Arc<dyn SvidSource>,
 }
 
-fn quic_peer(conn: &quinn::Connection) -> Option<PeerIdentity> {
+/// The authenticated peer of one connection and the chain it presented.
+struct ConnectionPeer {
+    identity: PeerIdentity,
+    chain: Vec<CertificateDer<'static>>,
+    /// The bundle the chain was last verified against; `None` until the first request.
+    verified_with: std::sync::Mutex<Option<Arc<TrustBundle>>>,
+}
+
+impl ConnectionPeer {
+    fn new(chain: Vec<CertificateDer<'static>>) -> Option<Self> {
+        let identity = PeerIdentity::from_certificate(chain.first()?).ok()?;
+        Some(Self {
+            identity,
+            chain,
+            verified_with: Default::default(),
+        })
+    }
+
+    /// Checks, at the application layer, that the peer may still be served: its
+    /// certificate has not expired, and its chain still verifies against the current
+    /// bundle. TLS session resumption skips certificate verification, and a CA removed
+    /// from the bundle must stop open connections too; re-verifying only when the bundle
+    /// changed keeps the common case to one pointer comparison.
+    fn check(&self, source: &dyn SvidSource) -> Result<(), String> {
+        let now = SystemTime::now();
+        if self.identity.is_expired_at(now) {
+            return Err("peer certificate expired".into());
+        }
+        let bundle = source.bundle();
+        let mut verified_with = self.verified_with.lock().unwrap_or_else(|e| e.into_inner());
+        if verified_with
+            .as_ref()
+            .is_some_and(|last| Arc::ptr_eq(last, &bundle))
+        {
+            return Ok(());
+        }
+        let Some((leaf, intermediates)) = self.chain.split_first() else {
+            return Err("peer presented no certificate".into());
+        };
+        bundle
+            .client_verifier()
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map_err(|e| format!("peer no longer trusted: {e}"))?;
+        self.identity
+            .check(bundle.trust_domain(), now)
+            .map_err(|e| e.to_string())?;
+        *verified_with = Some(bundle);
+        Ok(())
+    }
+}
+
+/// Runs the handler once the peer passes [`ConnectionPeer::check`].
+async fn handle(shared: &Shared, peer: &ConnectionPeer, request: Request) -> Response {
+    if let Err(reason) = peer.check(shared.source.as_ref()) {
+        info!(peer.id = %peer.identity, %reason, "request refused");
+        return Response::text(StatusCode::UNAUTHORIZED, reason);
+    }
+    shared.router.dispatch(request).await
+}
+
+fn quic_peer(conn: &quinn::Connection) -> Option<ConnectionPeer> {
     let identity = conn.peer_identity()?;
-    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    PeerIdentity::from_certificate(certs.first()?).ok()
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    ConnectionPeer::new(*chain)
 }
 
 /// Time from now until `at`, zero if passed, capped at a year so timers stay in range.

@@ -236,3 +236,24 @@ async fn rotated_svid_is_presented_on_new_connections_without_restart() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn open_connection_is_refused_once_its_ca_leaves_the_bundle() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let paths = lab.issue("core", "/core")?;
+    let source = fedmesh_transport::FileSvidSource::load(paths.clone())?;
+    let server = start_server(source.clone(), router(None)).await?;
+    let store = lab.issue("store", "/store/emea/0042")?;
+    let conn = common::raw_connect(server.quic_addr(), Some(&store)).await?;
+    let mut session = common::raw_h3(&conn).await?;
+    assert_eq!(common::raw_whoami(&mut session).await?.0, StatusCode::OK);
+
+    // The trust domain moves to a new CA and the old one leaves the bundle: the store's
+    // certificate is no longer trusted, even on the connection it already has.
+    let successor = Lab::new("fl.example")?;
+    std::fs::write(&paths.bundle, successor.ca.certificate_pem())?;
+    assert!(source.reload()?);
+    let (status, body) = common::raw_whoami(&mut session).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    Ok(())
+}

@@ -177,3 +177,25 @@ async fn downloads_a_stored_object_byte_identical() -> Result<()> {
     assert!(same_contents(&copy, &file)?);
     Ok(())
 }
+
+#[tokio::test]
+async fn upload_over_http2_fallback_is_byte_identical() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 3 << 20, 5)?;
+    let mut config = common::client_config(&server);
+    config.quic_addr = "127.0.0.1:9".parse()?;
+    config.quic_connect_timeout = Duration::from_millis(300);
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+
+    let report = client.put_object(&file).await?;
+    assert_eq!(
+        client.protocol().await,
+        Some(fedmesh_transport::Protocol::Http2)
+    );
+    let received = store.object_path(&report.digest).context("object stored")?;
+    assert!(same_contents(&received, &file)?);
+    Ok(())
+}
