@@ -1,0 +1,298 @@
+//! The round state machine, stepped by hand with virtual time.
+
+use std::collections::BTreeMap;
+
+use fedmesh_core_agg::ledger::{Ledger, LedgerConfig, RecordDpPlan};
+use fedmesh_core_agg::rounds::{
+    AbandonReason, EvaluationReport, Event, OnlineStore, Outcome, Phase, Rejection, Round,
+    RoundConfig, UpdateReport,
+};
+use fedmesh_core_agg::{ModelId, Timestamp};
+use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
+
+const T0: Timestamp = Timestamp(1_800_000_000);
+const ROUND: RoundId = RoundId(7);
+const VERSION: ModelVersion = ModelVersion(3);
+
+fn at(secs: u64) -> Timestamp {
+    Timestamp(T0.0 + secs)
+}
+
+fn stores(region: &str, count: usize) -> Vec<OnlineStore> {
+    (0..count)
+        .map(|i| OnlineStore {
+            id: StoreId(format!("{region}-{i}")),
+            region: Region(region.into()),
+        })
+        .collect()
+}
+
+fn no_exclusion(_: &StoreId) -> bool {
+    false
+}
+
+fn report(store: &StoreId) -> UpdateReport {
+    UpdateReport {
+        round: ROUND,
+        version: VERSION,
+        store: store.clone(),
+        examples: 100,
+    }
+}
+
+fn events(round: &mut Round) -> Vec<Event> {
+    std::iter::from_fn(|| round.poll_event()).collect()
+}
+
+/// A round with 10 stores in each of 3 regions, selected at T0: target 3, 4 selected.
+fn selected_round(config: RoundConfig) -> (Round, Vec<OnlineStore>) {
+    let online: Vec<_> = ["east", "west", "north"]
+        .iter()
+        .flat_map(|r| stores(r, 10))
+        .collect();
+    let mut round = Round::plan(ROUND, VERSION, config, 42, Some(1.0), T0);
+    round.poll(T0, &online, &no_exclusion);
+    assert_eq!(round.phase(), &Phase::Collecting);
+    (round, online)
+}
+
+#[test]
+fn selection_honours_region_caps_and_over_selection() {
+    // 100 eligible stores, 70 of them in one region. Fraction 0.1 -> target 10;
+    // over-selection 1.3 -> 13 selected; cap 0.5 -> at most floor(6.5) = 6 per region.
+    let online: Vec<_> = [
+        stores("big", 70),
+        stores("b", 10),
+        stores("c", 10),
+        stores("d", 10),
+    ]
+    .concat();
+    let region_of: BTreeMap<_, _> = online
+        .iter()
+        .map(|s| (s.id.clone(), s.region.clone()))
+        .collect();
+    for seed in 0..20 {
+        let mut round = Round::plan(ROUND, VERSION, RoundConfig::default(), seed, None, T0);
+        round.poll(T0, &online, &no_exclusion);
+        assert_eq!(round.target(), 10);
+        let selected: Vec<_> = round.selected().cloned().collect();
+        assert_eq!(selected.len(), 13);
+        let mut per_region: BTreeMap<&Region, usize> = BTreeMap::new();
+        for store in &selected {
+            *per_region.entry(&region_of[store]).or_default() += 1;
+        }
+        assert!(
+            per_region.values().all(|&n| n <= 6),
+            "seed {seed}: {per_region:?}"
+        );
+        assert_eq!(events(&mut round), vec![Event::Selected(selected)]);
+    }
+}
+
+#[test]
+fn quorum_not_met_at_selection_ends_the_round() {
+    // Two stores online, three reports needed: wait, then give up at the timeout.
+    let online = stores("east", 2);
+    let mut round = Round::plan(ROUND, VERSION, RoundConfig::default(), 1, None, T0);
+    round.poll(at(10), &online, &no_exclusion);
+    assert_eq!(round.phase(), &Phase::Selecting);
+    round.poll(at(300), &online, &no_exclusion);
+    let expected = Outcome::Abandoned(AbandonReason::QuorumNotMet {
+        phase: "selecting".into(),
+        have: 2,
+        need: 3,
+    });
+    assert_eq!(round.phase(), &Phase::Ended(expected.clone()));
+    assert_eq!(events(&mut round), vec![Event::Ended(expected)]);
+}
+
+#[test]
+fn quorum_not_met_at_the_reporting_deadline_ends_the_round() {
+    let (mut round, online) = selected_round(RoundConfig::default());
+    let first = round.selected().next().unwrap().clone();
+    round.handle_report(at(5), &report(&first)).unwrap();
+    round.poll(at(1800), &online, &no_exclusion);
+    assert!(matches!(
+        round.phase(),
+        Phase::Ended(Outcome::Abandoned(AbandonReason::QuorumNotMet {
+            have: 1,
+            need: 3,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn rejects_update_from_stale_round_and_counts_it() {
+    let (mut round, _) = selected_round(RoundConfig::default());
+    let store = round.selected().next().unwrap().clone();
+    let stale = UpdateReport {
+        round: RoundId(6),
+        ..report(&store)
+    };
+    assert_eq!(
+        round.handle_report(at(1), &stale),
+        Err(Rejection::StaleRound)
+    );
+    let old_model = UpdateReport {
+        version: ModelVersion(2),
+        ..report(&store)
+    };
+    assert_eq!(
+        round.handle_report(at(1), &old_model),
+        Err(Rejection::WrongVersion)
+    );
+    let stranger = report(&StoreId("not-selected".into()));
+    assert_eq!(
+        round.handle_report(at(1), &stranger),
+        Err(Rejection::NotSelected)
+    );
+    round.handle_report(at(1), &report(&store)).unwrap();
+    assert_eq!(
+        round.handle_report(at(2), &report(&store)),
+        Err(Rejection::Duplicate)
+    );
+
+    let counts = round.rejections();
+    assert_eq!(counts[&Rejection::StaleRound], 1);
+    assert_eq!(counts[&Rejection::WrongVersion], 1);
+    assert_eq!(counts[&Rejection::NotSelected], 1);
+    assert_eq!(counts[&Rejection::Duplicate], 1);
+    assert_eq!(round.survivors().len(), 1, "rejected reports never count");
+}
+
+#[test]
+fn store_at_budget_is_never_selected() {
+    // Stores east-0..east-4 have spent their whole record budget.
+    let model = ModelId("oj-demand".into());
+    let config = LedgerConfig {
+        record_budget: 1.0,
+        ..LedgerConfig::default()
+    };
+    let mut ledger = Ledger::new(config);
+    let plan = RecordDpPlan {
+        batch: 64,
+        epochs: 12,
+        noise_multiplier: 1.0,
+    };
+    let spent: Vec<_> = (0..5).map(|i| StoreId(format!("east-{i}"))).collect();
+    for store in &spent {
+        ledger
+            .charge_record(&model, store, RoundId(1), T0, &plan, 1070)
+            .unwrap();
+    }
+    let online = [stores("east", 10), stores("west", 10)].concat();
+    let excluded = |s: &StoreId| ledger.excluded(&model, s, T0);
+    for seed in 0..30 {
+        let mut round = Round::plan(ROUND, VERSION, RoundConfig::default(), seed, None, T0);
+        round.poll(T0, &online, &excluded);
+        assert_eq!(round.phase(), &Phase::Collecting);
+        assert!(round.selected().all(|s| !spent.contains(s)), "seed {seed}");
+    }
+}
+
+#[test]
+fn silent_stores_are_replaced_after_the_soft_deadline() {
+    let (mut round, online) = selected_round(RoundConfig::default());
+    let first: Vec<_> = round.selected().cloned().collect();
+    events(&mut round);
+    round.handle_report(at(10), &report(&first[0])).unwrap();
+    round.poll(at(900), &online, &no_exclusion);
+
+    let Some(Event::Replaced {
+        dropped,
+        replacements,
+    }) = round.poll_event()
+    else {
+        panic!("no replacement");
+    };
+    assert_eq!(dropped, first[1..].to_vec());
+    assert_eq!(replacements.len(), 2, "target 3 less 1 report");
+    assert!(replacements.iter().all(|s| !first.contains(s)));
+    // A dropped store's late report no longer counts; a replacement's does.
+    assert_eq!(
+        round.handle_report(at(901), &report(&first[1])),
+        Err(Rejection::NotSelected)
+    );
+    round
+        .handle_report(at(902), &report(&replacements[0]))
+        .unwrap();
+}
+
+#[test]
+fn a_full_round_commits_the_published_version() {
+    let (mut round, _) = selected_round(RoundConfig::default());
+    let cohort: Vec<_> = round.selected().cloned().collect();
+    events(&mut round);
+    for store in &cohort[..3] {
+        round.handle_report(at(20), &report(store)).unwrap();
+    }
+    assert_eq!(
+        events(&mut round),
+        vec![Event::Unmask(cohort[..3].to_vec())]
+    );
+    assert_eq!(round.dropped(), vec![cohort[3].clone()]);
+    round.handle_unmasked(at(30), ROUND, Ok(())).unwrap();
+    round.handle_aggregated(at(31), ROUND).unwrap();
+    let evaluation = EvaluationReport {
+        round: ROUND,
+        version: VERSION,
+        store: StoreId("holdout".into()),
+        examples: 50,
+        loss: 0.9,
+    };
+    round.handle_evaluation(at(40), &evaluation).unwrap();
+    round.handle_published(ROUND, Ok(ModelVersion(4))).unwrap();
+    assert_eq!(
+        events(&mut round),
+        vec![
+            Event::Evaluate,
+            Event::Publish { loss: 0.9 },
+            Event::Ended(Outcome::Committed(ModelVersion(4)))
+        ]
+    );
+}
+
+#[test]
+fn a_regressed_candidate_is_not_published() {
+    // Baseline loss 1.0, threshold 2%: a candidate at 1.1 stops the round.
+    let (mut round, _) = selected_round(RoundConfig::default());
+    let cohort: Vec<_> = round.selected().cloned().collect();
+    for store in &cohort[..3] {
+        round.handle_report(at(20), &report(store)).unwrap();
+    }
+    round.handle_unmasked(at(30), ROUND, Ok(())).unwrap();
+    round.handle_aggregated(at(31), ROUND).unwrap();
+    let evaluation = EvaluationReport {
+        round: ROUND,
+        version: VERSION,
+        store: StoreId("holdout".into()),
+        examples: 50,
+        loss: 1.1,
+    };
+    round.handle_evaluation(at(40), &evaluation).unwrap();
+    assert_eq!(
+        round.phase(),
+        &Phase::Ended(Outcome::Abandoned(AbandonReason::Regressed {
+            candidate: 1.1,
+            baseline: 1.0
+        }))
+    );
+}
+
+#[test]
+fn a_round_ends_when_unmasking_never_answers() {
+    let (mut round, online) = selected_round(RoundConfig::default());
+    let cohort: Vec<_> = round.selected().cloned().collect();
+    for store in &cohort[..3] {
+        round.handle_report(at(20), &report(store)).unwrap();
+    }
+    assert_eq!(round.phase(), &Phase::Unmasking);
+    round.poll(at(20 + 599), &online, &no_exclusion);
+    assert_eq!(round.phase(), &Phase::Unmasking);
+    round.poll(at(20 + 600), &online, &no_exclusion);
+    assert!(matches!(
+        round.phase(),
+        Phase::Ended(Outcome::Abandoned(AbandonReason::Timeout { .. }))
+    ));
+}
