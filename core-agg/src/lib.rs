@@ -8,6 +8,7 @@
 //! registry back.
 
 pub mod ledger;
+pub mod registry;
 pub mod rounds;
 pub mod strategy;
 

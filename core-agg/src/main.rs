@@ -1,11 +1,19 @@
 //! `core-agg`: the Fedmesh core aggregator's command line.
 //!
-//! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets; each prints one
-//! JSON object on stdout.
+//! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets, and
+//! `core-agg registry rollback` moves a model's current version back; each prints one JSON
+//! object on stdout.
 
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use ed25519_dalek::SigningKey;
+use fedmesh_core_agg::ModelId;
+use fedmesh_core_agg::registry::Registry;
+use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
 use fedmesh_protocol::accountant::{RdpAccountant, noise_multiplier_for_epsilon};
+use fedmesh_protocol::ids::ModelVersion;
 use serde_json::json;
 
 /// Fedmesh core aggregator.
@@ -21,6 +29,29 @@ enum Command {
     /// Plan differential-privacy budgets (Poisson-subsampled Gaussian, add-or-remove-one).
     #[command(subcommand)]
     Privacy(Privacy),
+    /// Operate the model registry.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Move a model's current version back to its parent, or to `--to`, after checking
+    /// that version's signature and blob.
+    Rollback {
+        /// Registry directory (the embedded backend).
+        #[arg(long)]
+        root: PathBuf,
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// The registry's ed25519 key: a file holding the 32-byte seed in hex.
+        #[arg(long)]
+        key: PathBuf,
+        /// Version to make current; the current version's parent if absent.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,6 +97,17 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
         Command::Privacy(privacy) => privacy_report(privacy)?,
+        Command::Registry(RegistryCommand::Rollback {
+            root,
+            model,
+            key,
+            to,
+        }) => {
+            let registry = Registry::new(EmbeddedBackend::open(&root)?, read_key(&key)?);
+            let model = ModelId(model);
+            let current = registry.rollback(&model, to.map(ModelVersion))?;
+            json!({ "model": model, "current": current })
+        }
     };
     println!("{report}");
     Ok(())
@@ -107,4 +149,18 @@ fn privacy_report(command: Privacy) -> Result<serde_json::Value> {
             }))
         }
     }
+}
+
+fn read_key(path: &Path) -> Result<SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    let bytes = hex::decode(text.trim()).context("key file is not hex")?;
+    let Ok(seed) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+        bail!(
+            "key file {} must hold 32 bytes, found {}",
+            path.display(),
+            bytes.len()
+        );
+    };
+    Ok(SigningKey::from_bytes(&seed))
 }
