@@ -13,6 +13,37 @@
 //!
 //! What it does not do: decide what a caller may do. Handlers receive the authenticated
 //! identity and apply policy themselves.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use fedmesh_transport::server::{Request, Response};
+//! use fedmesh_transport::transfer::ObjectStore;
+//! use fedmesh_transport::{
+//!     Client, ClientConfig, FileSvidSource, PeerPolicy, Router, Server, ServerConfig,
+//!     SvidPaths,
+//! };
+//! use http::{Method, StatusCode};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // A PoP: its SVID files, re-read every 5 s; routes see who is calling.
+//! let pop = FileSvidSource::load(SvidPaths::in_dir(Path::new("pki/pop/chicago")))?;
+//! let _watch = pop.watch(std::time::Duration::from_secs(5));
+//! let objects = ObjectStore::open(Path::new("/var/lib/fedmesh/objects"), 8 << 30)?;
+//! let router = objects.routes(Router::new().route(Method::GET, "/plan", |r: Request| async move {
+//!     Response::text(StatusCode::OK, format!("plan for {}", r.peer().spiffe_id()))
+//! }));
+//! let server = Server::bind(ServerConfig::new("0.0.0.0:4433".parse()?), pop, router).await?;
+//!
+//! // A store: accepts any PoP of its trust domain, HTTP/3 or HTTP/2 alike.
+//! let store = FileSvidSource::load(SvidPaths::in_dir(Path::new("pki/store/emea/0042")))?;
+//! let config = ClientConfig::new(server.quic_addr(), PeerPolicy::PathPrefix("/pop/".into()));
+//! let client = Client::new(config, store)?;
+//! let plan = client.get("/plan").await?.bytes(1 << 20).await?;
+//! let report = client.put_object(Path::new("update.bin")).await?;
+//! # let _ = (plan, report);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod body;
 pub mod client;
