@@ -25,7 +25,7 @@ use crate::BaselineArgs;
 use crate::ridge::Ridge;
 
 /// The Dominick's recipe, built in so the command needs only the data.
-const DOMINICKS_SPEC: &str = include_str!("../../store-agent/specs/dominicks-oj.toml");
+pub(crate) const DOMINICKS_SPEC: &str = include_str!("../../store-agent/specs/dominicks-oj.toml");
 
 /// Ridge penalty for the linear baselines, on standardised features.
 const RIDGE_ALPHA: f64 = 1.0;
@@ -109,7 +109,7 @@ pub(crate) fn run(args: &BaselineArgs) -> Result<BaselineReport> {
 
 /// The data directory as given, or, for the default relative path, the repository's copy when
 /// the command runs from elsewhere.
-fn data_dir(given: &Path) -> std::path::PathBuf {
+pub(crate) fn data_dir(given: &Path) -> std::path::PathBuf {
     if given.exists() || given.is_absolute() {
         return given.to_path_buf();
     }

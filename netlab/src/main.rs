@@ -1,11 +1,14 @@
 //! `netlab`: Fedmesh's lab.
 //!
 //! `netlab baseline` trains the reference models on the vendored Dominick's data and prints
-//! their test RMSE as one JSON object, the yardstick federated runs are compared with.
+//! their test RMSE as one JSON object, the yardstick federated runs are compared with;
+//! `netlab task-config` prints the matching task config with its normalisation statistics.
 
 mod baseline;
 mod ridge;
+mod task_config;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -23,6 +26,8 @@ struct Cli {
 enum Command {
     /// Train the centralised and local reference models and print their test RMSE as JSON.
     Baseline(BaselineArgs),
+    /// Print the Dominick's task config (TOML) with normalisation from the pooled training rows.
+    TaskConfig(TaskConfigArgs),
 }
 
 /// Options of `netlab baseline`.
@@ -45,6 +50,23 @@ pub(crate) struct BaselineArgs {
     pub epochs: usize,
 }
 
+/// Options of `netlab task-config`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TaskConfigArgs {
+    /// Directory holding sales.csv.gz and stores.csv.
+    #[arg(long, default_value = "data/dominicks-oj")]
+    pub data: PathBuf,
+    /// Feature spec (TOML); the built-in Dominick's recipe when absent.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Local epochs per round.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Keep the output layer in each store (a personalised head).
+    #[arg(long)]
+    pub local_head: bool,
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,6 +74,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     match Cli::parse().command {
@@ -59,6 +82,7 @@ fn main() -> Result<()> {
             let report = baseline::run(&args)?;
             println!("{}", serde_json::to_string(&report)?);
         }
+        Command::TaskConfig(args) => print!("{}", task_config::run(&args)?),
     }
     Ok(())
 }

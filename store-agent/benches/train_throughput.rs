@@ -75,7 +75,7 @@ fn tch_run(
         loss
     };
     for i in 0..WARMUP_STEPS {
-        step(i);
+        let _warmup_loss = step(i);
     }
     let begin = Instant::now();
     let mut loss = Tensor::from(0f32);
@@ -187,7 +187,8 @@ fn main() -> Result<()> {
     let store_loop = train_loop_run(&data, steps)?;
 
     println!(
-        "train_throughput: MLP 47-64-32-1, batch {BATCH}, Adam 1e-3, 1 thread, {steps} steps, best of {REPEATS}"
+        "train_throughput: MLP 47-64-32-1, batch {BATCH}, Adam 1e-3, 1 thread, \
+         {steps} steps, best of {REPEATS}"
     );
     println!(
         "  tch     {:>10.0} samples/s  (final batch loss {:.6})",

@@ -521,13 +521,11 @@ fn load(
         Ok(())
     })?;
 
-    if let Some(key) = only_key {
-        if stores.is_empty() {
-            return Err(IngestError::NoRows {
-                file: files.sales.clone(),
-                store: key,
-            });
-        }
+    if let Some(key) = only_key.filter(|_| stores.is_empty()) {
+        return Err(IngestError::NoRows {
+            file: files.sales.clone(),
+            store: key,
+        });
     }
     if redactions > 0 {
         tracing::warn!(

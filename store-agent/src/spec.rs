@@ -66,9 +66,7 @@ pub enum SpecError {
         missing: String,
     },
     /// A select template lacks its `{column}` placeholder.
-    #[error(
-        "feature spec: feature {feature:?} has template {template:?} without one {{column}} placeholder"
-    )]
+    #[error("feature spec: feature {feature:?}: template {template:?} needs one {{column}}")]
     BadTemplate {
         /// The select feature.
         feature: String,

@@ -385,7 +385,12 @@ pub fn run_round(
     let after = (!test_rows.is_empty()).then(|| eval::evaluate(&model, &test_rows));
 
     let delta = model.shared_weights().delta(global)?;
-    tracing::debug!(store.id = %data.store, examples = report.examples, steps = report.steps, "local round trained");
+    tracing::debug!(
+        store.id = %data.store,
+        examples = report.examples,
+        steps = report.steps,
+        "local round trained"
+    );
     Ok(RoundOutcome {
         delta,
         checkpoint: model.weights(),
