@@ -164,7 +164,7 @@ fn mlp_rmse(args: &BaselineArgs, train: &Examples, test: &Examples) -> Result<f6
     };
     train::configure_threads(config.threads);
     tch::manual_seed(config.seed as i64);
-    let (device, precision) = model::pick_device(config.device);
+    let (device, precision) = model::pick_device(config.device)?;
     let mut mlp = model::Model::new(&spec, device, precision)?;
     train::train(&mut mlp, &config, train, None)?;
     match eval::evaluate(&mlp, test) {

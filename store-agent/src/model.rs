@@ -43,6 +43,9 @@ pub enum ModelError {
         /// The loaded shape.
         actual: Vec<usize>,
     },
+    /// The task asks for CUDA and there is none.
+    #[error("the task asks for cuda but libtorch sees no cuda device")]
+    NoCuda,
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -60,26 +63,30 @@ pub enum Precision {
 
 /// Picks the device and precision for a [`DeviceChoice`]: CUDA when asked or, for `auto`, when
 /// present; bf16 on CUDA when a bf16 product works there.
-pub fn pick_device(choice: DeviceChoice) -> (Device, Precision) {
+///
+/// # Errors
+/// [`ModelError::NoCuda`] when CUDA is asked for and libtorch sees no CUDA device.
+pub fn pick_device(choice: DeviceChoice) -> Result<(Device, Precision), ModelError> {
     let device = match choice {
         DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda if !tch::Cuda::is_available() => return Err(ModelError::NoCuda),
         DeviceChoice::Cuda => Device::Cuda(0),
         DeviceChoice::Auto => Device::cuda_if_available(),
     };
     if !device.is_cuda() {
-        return (device, Precision::F32);
+        return Ok((device, Precision::F32));
     }
     let bf16_works = Tensor::f_ones([8, 8], (Kind::BFloat16, device))
         .and_then(|t| t.f_matmul(&t))
         .is_ok();
-    (
+    Ok((
         device,
         if bf16_works {
             Precision::Bf16
         } else {
             Precision::F32
         },
-    )
+    ))
 }
 
 /// One trainable parameter.

@@ -329,7 +329,7 @@ pub fn build_model(
 ) -> Result<Model, TrainError> {
     configure_threads(task.training.threads);
     tch::manual_seed(task.training.seed as i64);
-    let (device, precision) = pick_device(task.training.device);
+    let (device, precision) = pick_device(task.training.device)?;
     let mut model = Model::new(&task.model, device, precision)?;
     if let Some(state) = local_state {
         let local = Weights {
