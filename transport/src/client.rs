@@ -288,11 +288,21 @@ impl Client {
         *head.headers_mut() = headers;
 
         let conn = self.connection().await?;
-        let result = match &conn {
+        let mut result = match &conn {
             Conn::H3 { send, peer, .. } => send_h3(send.clone(), head, body, peer).await,
             Conn::H2 { send, peer, .. } => send_h2(send.clone(), head, body, peer).await,
         };
-        if matches!(result, Err(ClientError::Request(_))) {
+        // With TLS 1.3 a server refuses a client certificate after the client finished its
+        // handshake, so the refusal surfaces here, on the first request.
+        if let (Err(ClientError::Request(_)), Conn::H3 { quic, .. }) = (&result, &conn)
+            && let Some(reason) = quic.close_reason().as_ref().and_then(quic_tls_refusal)
+        {
+            result = Err(ClientError::Refused(reason));
+        }
+        if matches!(
+            result,
+            Err(ClientError::Request(_) | ClientError::Refused(_))
+        ) {
             self.forget(&conn).await;
         }
         result
@@ -404,6 +414,8 @@ impl Client {
                     state.conn = Some(quic.clone());
                     return Ok(quic);
                 }
+                // TCP would check the same identities: a refusal is final.
+                Err(error @ ClientError::Refused(_)) => return Err(error),
                 Err(error) => {
                     info!(server.addr = %inner.config.quic_addr, %error, "quic failed; falling back to http/2 over tcp");
                     state.fell_back_at = Some(Instant::now());
@@ -437,7 +449,10 @@ impl Client {
                 .endpoint
                 .connect_with(inner.quic.clone(), inner.config.quic_addr, SERVER_NAME)
                 .map_err(|e| error(e.to_string()))?;
-            let quic = connecting.await.map_err(|e| error(e.to_string()))?;
+            let quic = connecting.await.map_err(|e| match quic_tls_refusal(&e) {
+                Some(reason) => ClientError::Refused(reason),
+                None => error(e.to_string()),
+            })?;
             let h3 = h3::client::new(h3_quinn::Connection::new(quic.clone()))
                 .await
                 .map_err(|e| error(e.to_string()))?;
@@ -477,11 +492,15 @@ impl Client {
                 .map_err(|e| error(e.to_string()))?;
             let _ = tcp.set_nodelay(true);
             let name = ServerName::try_from(SERVER_NAME).map_err(|e| error(e.to_string()))?;
-            let tls = inner
-                .tcp_tls
-                .connect(name, tcp)
-                .await
-                .map_err(|e| error(e.to_string()))?;
+            let tls =
+                inner
+                    .tcp_tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| match tls_refusal(&e) {
+                        true => ClientError::Refused(e.to_string()),
+                        false => error(e.to_string()),
+                    })?;
             let peer = tls
                 .get_ref()
                 .1
@@ -585,8 +604,43 @@ async fn send_h2(
     })
 }
 
-fn request_error(error: impl std::fmt::Display) -> ClientError {
+fn request_error(error: impl std::error::Error + 'static) -> ClientError {
+    if tls_refusal(&error) {
+        return ClientError::Refused(error.to_string());
+    }
     ClientError::Request(error.to_string())
+}
+
+/// Whether a QUIC connection ended in a TLS alert (QUIC crypto error codes 0x100-0x1ff),
+/// sent by either side: a refused identity, not a network problem.
+fn quic_tls_refusal(error: &quinn::ConnectionError) -> Option<String> {
+    let code = match error {
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        quinn::ConnectionError::TransportError(error) => error.code,
+        _ => return None,
+    };
+    (0x100..0x200)
+        .contains(&u64::from(code))
+        .then(|| error.to_string())
+}
+
+/// Whether a rustls error sits anywhere in the chain of `error`.
+fn tls_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        // io::Error::source skips the error it wraps; look inside explicitly.
+        let inner = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|e| e.get_ref());
+        if inner.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// Why a client call failed.
@@ -604,6 +658,10 @@ pub enum ClientError {
         /// What failed.
         reason: String,
     },
+    /// TLS refused an identity: the server refused ours, or ours refused the server's.
+    /// Retrying cannot help until an SVID or bundle changes.
+    #[error("tls refused the connection: {0}")]
+    Refused(String),
     /// The connection or stream broke during the exchange.
     #[error("request failed: {0}")]
     Request(String),

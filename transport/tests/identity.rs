@@ -8,7 +8,7 @@ use anyhow::Result;
 use common::{Lab, raw_request, router, start_server};
 use fedmesh_transport::pki::Validity;
 use fedmesh_transport::server::CLOSE_PEER_EXPIRED;
-use fedmesh_transport::{Client, PeerPolicy, Protocol, SpiffeId};
+use fedmesh_transport::{Client, ClientError, PeerPolicy, Protocol, SpiffeId};
 use http::StatusCode;
 
 /// Starts a core server of `fl.example` and returns it with its lab.
@@ -144,19 +144,34 @@ async fn client_api_works_over_http3_and_http2_with_same_identity() -> Result<()
 }
 
 #[tokio::test]
-async fn client_refuses_server_with_unexpected_spiffe_id() -> Result<()> {
+async fn client_refuses_server_with_unexpected_spiffe_id_without_retrying() -> Result<()> {
     let (lab, server) = core_server().await?;
     let store = lab.source("store", "/store/emea/0042")?;
     let mut config = common::client_config(&server);
     config.expected_server = PeerPolicy::Exact(SpiffeId::new("spiffe://fl.example/pop/chicago")?);
-    config.quic_connect_timeout = Duration::from_millis(500);
-    config.retry.max_attempts = 1;
     let client = Client::new(config, store)?;
+
+    let started = std::time::Instant::now();
+    let outcome = client.get("/whoami").await;
+    assert!(
+        matches!(outcome, Err(ClientError::Refused(_))),
+        "a core server must not pass for a PoP: {outcome:?}"
+    );
+    // A refusal is final: no backoff rounds, no fallback to TCP.
+    assert!(started.elapsed() < Duration::from_secs(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_with_untrusted_svid_is_told_it_was_refused() -> Result<()> {
+    let (_lab, server) = core_server().await?;
+    let rogue = Lab::new("fl.example")?;
+    let client = common::client(&server, rogue.source("store", "/store/emea/0042")?)?;
 
     let outcome = client.get("/whoami").await;
     assert!(
-        outcome.is_err(),
-        "a core server must not pass for a PoP: {outcome:?}"
+        matches!(outcome, Err(ClientError::Refused(_))),
+        "{outcome:?}"
     );
     Ok(())
 }
