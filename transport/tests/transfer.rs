@@ -199,3 +199,55 @@ async fn upload_over_http2_fallback_is_byte_identical() -> Result<()> {
     assert!(same_contents(&received, &file)?);
     Ok(())
 }
+
+#[tokio::test]
+async fn receiver_refuses_chunk_that_does_not_match_its_digest() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 2 * CHUNK, 3)?;
+    let bytes = std::fs::read(&file)?;
+    let (digest, _) = fedmesh_transport::transfer::manifest_of_file(&file, CHUNK)?;
+
+    // 1. Announce the true manifest: each chunk's SHA-256.
+    let mut digests = Vec::new();
+    for chunk in bytes.chunks(CHUNK as usize) {
+        digests.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, chunk).as_ref());
+    }
+    let mut headers = http::HeaderMap::new();
+    headers.insert("fedmesh-object-size", (2 * CHUNK).into());
+    headers.insert("fedmesh-chunk-size", CHUNK.into());
+    let path = format!("/objects/{digest}/manifest");
+    let body = fedmesh_transport::SendBody::from_bytes(digests);
+    client
+        .request(http::Method::PUT, &path, headers, body)
+        .await?
+        .success()
+        .await?;
+
+    // 2. Send the chunks with one bit flipped in the second.
+    let mut tampered = bytes.clone();
+    tampered[CHUNK as usize + 10] ^= 1;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("fedmesh-first-chunk", 0u64.into());
+    let path = format!("/objects/{digest}/chunks");
+    let body = fedmesh_transport::SendBody::from_bytes(tampered);
+    let response = client
+        .request(http::Method::PUT, &path, headers, body)
+        .await?;
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let stats = store.stats();
+    assert_eq!((stats.chunks_written, stats.corrupt_chunks), (1, 1));
+    assert!(store.object_path(&digest).is_none());
+
+    // 3. An honest sender resumes after the good chunk and completes the object.
+    let report = client.put_object(&file).await?;
+    assert_eq!(report.resumed_from, vec![1]);
+    let received = store.object_path(&digest).context("object stored")?;
+    assert!(same_contents(&received, &file)?);
+    Ok(())
+}

@@ -37,8 +37,9 @@ pub use sender::PutReport;
 
 /// Default chunk size: 1 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
-/// Smallest chunk size a receiver accepts.
-pub const MIN_CHUNK_SIZE: u64 = 4 << 10;
+/// Smallest chunk size a receiver accepts; bounds the manifest (32 bytes a chunk) to
+/// 4 MiB for an 8 GiB object.
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
 /// Largest chunk size a receiver accepts; bounds its memory per upload.
 pub const MAX_CHUNK_SIZE: u64 = 16 << 20;
 
