@@ -243,11 +243,13 @@ impl Table {
     }
 
     /// Reads every row, keeping only `columns` (header positions) with card numbers redacted.
-    /// Calls `visit` with the 1-based row number and the kept fields.
+    /// Calls `visit` with the 1-based row number and the kept fields of each row for which
+    /// `wanted(raw record)` holds; other rows are dropped before anything is copied.
     fn for_each_row(
         &mut self,
         columns: &[usize],
         redactions: &mut usize,
+        wanted: impl Fn(&csv::StringRecord) -> bool,
         mut visit: impl FnMut(u64, Vec<String>) -> Result<(), IngestError>,
     ) -> Result<u64, IngestError> {
         let mut record = csv::StringRecord::new();
@@ -261,6 +263,9 @@ impl Table {
                 break;
             }
             row += 1;
+            if !wanted(&record) {
+                continue;
+            }
             let mut kept = Vec::with_capacity(columns.len());
             for &c in columns {
                 let (text, count) = redact_card_numbers(record.get(c).unwrap_or(""));
@@ -453,19 +458,24 @@ fn load(
         let mut keep = vec![key];
         keep.extend(&plan.attr_keep);
         let path = table.path.clone();
-        table.for_each_row(&keep, &mut redactions, |row, mut fields| {
-            let store = normalise_key(&fields.remove(0));
-            if attributes.contains_key(&store) {
-                return Err(IngestError::DuplicateStore {
-                    file: path.clone(),
-                    row,
-                    column: join.key.clone(),
-                    store,
-                });
-            }
-            attributes.insert(store, (row, fields));
-            Ok(())
-        })?;
+        table.for_each_row(
+            &keep,
+            &mut redactions,
+            |_| true,
+            |row, mut fields| {
+                let store = normalise_key(&fields.remove(0));
+                if attributes.contains_key(&store) {
+                    return Err(IngestError::DuplicateStore {
+                        file: path.clone(),
+                        row,
+                        column: join.key.clone(),
+                        store,
+                    });
+                }
+                attributes.insert(store, (row, fields));
+                Ok(())
+            },
+        )?;
     }
 
     // 3. Stream the sales rows, computing features as they come.
@@ -474,52 +484,61 @@ fn load(
     let mut index: HashMap<String, usize> = HashMap::new();
     let only_key = only.map(|s| normalise_key(&s.0));
     let sales_path = sales.path.clone();
-    sales.for_each_row(&plan.sales_keep.clone(), &mut redactions, |row, fields| {
-        let store = normalise_key(&fields[store_index]);
-        if only_key.as_ref().is_some_and(|k| *k != store) {
-            return Ok(());
-        }
-        let attrs_row = if spec.attributes.is_some() {
-            attributes
-                .get(&store)
-                .ok_or_else(|| IngestError::UnknownStore {
-                    file: sales_path.clone(),
-                    row,
-                    column: spec.store_column.clone(),
-                    store: store.clone(),
-                })?
-        } else {
-            &no_attrs
-        };
-        let row = Row {
-            sales_file: &sales_path,
-            attr_file: &attr_path,
-            row,
-            sales: &fields,
-            attrs: attrs_row,
-        };
+    // Another store's row is dropped on its raw store id, before any of its fields is kept.
+    let store_pos = plan.sales_keep[store_index];
+    let wanted = |record: &csv::StringRecord| {
+        only_key
+            .as_ref()
+            .is_none_or(|k| *k == normalise_key(record.get(store_pos).unwrap_or("")))
+    };
+    sales.for_each_row(
+        &plan.sales_keep.clone(),
+        &mut redactions,
+        wanted,
+        |row, fields| {
+            let store = normalise_key(&fields[store_index]);
+            let attrs_row = if spec.attributes.is_some() {
+                attributes
+                    .get(&store)
+                    .ok_or_else(|| IngestError::UnknownStore {
+                        file: sales_path.clone(),
+                        row,
+                        column: spec.store_column.clone(),
+                        store: store.clone(),
+                    })?
+            } else {
+                &no_attrs
+            };
+            let row = Row {
+                sales_file: &sales_path,
+                attr_file: &attr_path,
+                row,
+                sales: &fields,
+                attrs: attrs_row,
+            };
 
-        let y = row.number(target, &spec.target)?;
-        let is_train = row.number(split, &spec.split.column)? <= spec.split.train_max;
-        let slot = *index.entry(store.clone()).or_insert_with(|| {
-            stores.push(StoreData {
-                store: StoreId(store.clone()),
-                train: Examples::empty(dim),
-                test: Examples::empty(dim),
+            let y = row.number(target, &spec.target)?;
+            let is_train = row.number(split, &spec.split.column)? <= spec.split.train_max;
+            let slot = *index.entry(store.clone()).or_insert_with(|| {
+                stores.push(StoreData {
+                    store: StoreId(store.clone()),
+                    train: Examples::empty(dim),
+                    test: Examples::empty(dim),
+                });
+                stores.len() - 1
             });
-            stores.len() - 1
-        });
-        let examples = if is_train {
-            &mut stores[slot].train
-        } else {
-            &mut stores[slot].test
-        };
-        let start = examples.features.len();
-        examples.features.resize(start + dim, 0.0);
-        compute_row(&steps, &row, &mut examples.features[start..])?;
-        examples.targets.push(y as f32);
-        Ok(())
-    })?;
+            let examples = if is_train {
+                &mut stores[slot].train
+            } else {
+                &mut stores[slot].test
+            };
+            let start = examples.features.len();
+            examples.features.resize(start + dim, 0.0);
+            compute_row(&steps, &row, &mut examples.features[start..])?;
+            examples.targets.push(y as f32);
+            Ok(())
+        },
+    )?;
 
     if let Some(key) = only_key.filter(|_| stores.is_empty()) {
         return Err(IngestError::NoRows {

@@ -326,3 +326,31 @@ fn small_cnn_trains_on_images() {
         other => panic!("unexpected metrics {other:?}"),
     }
 }
+
+#[test]
+fn dp_noise_and_poisson_batches_have_the_requested_statistics() {
+    // 200,000 draws of N(0, 1.5^2): the sample mean has std 1.5 / sqrt(2e5) = 0.0034 and the
+    // sample variance has std 2.25 * sqrt(2 / 2e5) = 0.0071; the bounds are over 5 of those.
+    let mut rng = dp::DpRng::new(Some(42));
+    let draws = rng.gaussian(200_000, 1.5);
+    let n = draws.len() as f64;
+    let mean = draws.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = draws
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    assert!(mean.abs() < 0.02, "mean {mean}");
+    assert!((var - 2.25).abs() < 0.04, "variance {var}");
+
+    // 400 batches at rate 64 / 1070: the mean size has std sqrt(1070 q (1 - q) / 400) = 0.39.
+    let sizes: Vec<usize> = (0..400)
+        .map(|_| rng.poisson_batch(1070, 64.0 / 1070.0).len())
+        .collect();
+    let mean_size = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    assert!(
+        (mean_size - 64.0).abs() < 2.0,
+        "mean batch size {mean_size}"
+    );
+    assert!(sizes.iter().any(|&s| s != sizes[0]), "batch sizes vary");
+}
