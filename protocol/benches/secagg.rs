@@ -5,8 +5,9 @@
 //!
 //! `cargo bench -p fedmesh-protocol --bench secagg` prints the n = 50/100, d = 100,000 rows
 //! and one d = 1,000,000 row; `FEDMESH_BENCH_LARGE=1` adds every d = 1,000,000 row.
-//! Times are the minimum over repeated rounds of wall time on a single thread, which
-//! approaches CPU time on a shared machine; the load average is printed with them.
+//! Times are the calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID), which other processes
+//! on a shared machine do not inflate, the minimum over repeated rounds; the load average is
+//! printed with them because cache and frequency effects remain.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -26,6 +27,12 @@ const REF_CLIENT_S: (f64, f64) = (0.035, 0.048);
 const REF_SERVER_S: (f64, f64) = (0.08, 0.42);
 /// Rounds per row; each figure is the minimum over them.
 const REPEATS: usize = 3;
+
+/// CPU time consumed by the calling thread so far.
+fn cpu_now() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 fn main() -> Result<()> {
     println!(
@@ -191,9 +198,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
     let mut sent = vec![0usize; n];
     let mut core_time = Duration::ZERO;
     let mut timed_core = |f: &mut dyn FnMut() -> Result<Vec<Outgoing>>| -> Result<Vec<Outgoing>> {
-        let t = Instant::now();
+        let t = cpu_now();
         let out = f();
-        core_time += t.elapsed();
+        core_time += cpu_now() - t;
         out
     };
     let mut core = CoreSession::new(plan.clone(), now, deadlines);
@@ -202,9 +209,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
 
     // 1. Keys.
     for (i, id) in plan.cohort().iter().enumerate() {
-        let t = Instant::now();
+        let t = cpu_now();
         let (session, advert) = StoreSession::new(plan.clone(), id.clone(), &mut rng)?;
-        store_time[i] += t.elapsed();
+        store_time[i] += cpu_now() - t;
         let advert = advert.context("secure mode advertises")?;
         control[i] += advert_len(&advert);
         stores.push(session);
@@ -220,9 +227,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
             bail!("expected keys")
         };
         let i = plan.position(&to).context("cohort store")?;
-        let t = Instant::now();
+        let t = cpu_now();
         let shares = stores[i].handle_neighbour_keys(&msg, &mut rng)?;
-        store_time[i] += t.elapsed();
+        store_time[i] += cpu_now() - t;
         control[i] += shares_len(&shares);
         next.extend(timed_core(&mut || {
             Ok(core.handle_encrypted_shares(now, shares.clone())?)
@@ -233,9 +240,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
             bail!("expected shares")
         };
         let i = plan.position(&to).context("cohort store")?;
-        let t = Instant::now();
+        let t = cpu_now();
         stores[i].handle_shares(&msg)?;
-        store_time[i] += t.elapsed();
+        store_time[i] += cpu_now() - t;
     }
 
     // 3. Quantise, mask and upload; the dropped stores vanish after sharing. Two PoPs.
@@ -250,20 +257,20 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         if dropped.contains(id) {
             continue;
         }
-        let t = Instant::now();
+        let t = cpu_now();
         let q = plan.quantise(&update, &mut rng)?;
         let masked = stores[i].mask(&q)?;
-        store_time[i] += t.elapsed();
+        store_time[i] += cpu_now() - t;
         sent[i] += masked_len(&masked);
-        let t = Instant::now();
+        let t = cpu_now();
         pops[i % 2].fold(&masked)?;
-        pop_time += t.elapsed();
+        pop_time += cpu_now() - t;
     }
     let mut outbox = Vec::new();
     for pop in pops {
-        let t = Instant::now();
+        let t = cpu_now();
         let partial = pop.finish()?;
-        pop_time += t.elapsed();
+        pop_time += cpu_now() - t;
         if let Some(partial) = partial {
             outbox.extend(timed_core(&mut || {
                 Ok(core.handle_partial_sum(now, partial.clone())?)
@@ -281,9 +288,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
             bail!("expected unmask request")
         };
         let i = plan.position(&to).context("cohort store")?;
-        let t = Instant::now();
+        let t = cpu_now();
         let resp = stores[i].handle_unmask_request(&req)?;
-        store_time[i] += t.elapsed();
+        store_time[i] += cpu_now() - t;
         control[i] += response_len(&resp);
         if core.outcome().is_none() {
             timed_core(&mut || Ok(core.handle_unmask_response(now, resp.clone())?))?;
