@@ -1,13 +1,15 @@
 //! Encode and decode throughput of each update codec on a 10-million-parameter update.
 //!
 //! Throughput is in GB/s of float32 input (4 bytes per parameter, 40 MB at the default
-//! size), compared with a plain memcpy of the same 40 MB. Each figure is the best of a few
-//! runs, timed by the thread's CPU time where Linux reports it, so that other jobs on a
-//! shared machine do not skew it. The size can be set with `FEDMESH_BENCH_DIM`.
+//! size), compared with a plain memcpy of the same 40 MB. Each figure is the best of three
+//! samples of at least 200 ms each, timed by the thread's CPU time where Linux reports it,
+//! so that other jobs on a shared machine do not skew it. The size can be set with
+//! `FEDMESH_BENCH_DIM`.
 //!
 //! Run with `cargo bench -p fedmesh-protocol --bench codec`.
 
 use std::hint::black_box;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -19,30 +21,38 @@ use fedmesh_protocol::ids::RoundId;
 use fedmesh_protocol::update::add_gaussian_noise;
 
 const RUNS: usize = 3;
+
+/// Origin of the wall clock, for platforms without a thread CPU clock.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 const ZSTD_LEVEL: i32 = 3;
 
 /// The calling thread's time on a CPU, from Linux's scheduler statistics. On a machine
-/// shared with other jobs this is the figure that does not depend on their load.
+/// shared with other jobs this is the figure that does not depend on their load. The
+/// kernel updates it at scheduler ticks (a few milliseconds), hence [`MIN_SAMPLE`].
 fn cpu_time() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     let ns = stat.split_whitespace().next()?.parse().ok()?;
     Some(Duration::from_nanos(ns))
 }
 
-/// The best of [`RUNS`] timings of `f`, in CPU time where the platform reports it and in
-/// wall-clock time otherwise.
+/// Shortest time one sample runs `f` for, repeating it as needed, so that the clock's tick
+/// is at most 2% of a sample.
+const MIN_SAMPLE: Duration = Duration::from_millis(200);
+
+/// The best of [`RUNS`] samples of the time one call of `f` takes, in CPU time where the
+/// platform reports it and in wall-clock time otherwise.
 fn best_of<T>(mut f: impl FnMut() -> T) -> (Duration, T) {
+    let clock = || cpu_time().unwrap_or_else(|| Instant::now().duration_since(*EPOCH));
     let mut best = Duration::MAX;
     let mut last = None;
     for _ in 0..RUNS {
-        let (start, cpu_start) = (Instant::now(), cpu_time());
-        let out = black_box(f());
-        let took = match (cpu_start, cpu_time()) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => start.elapsed(),
-        };
-        best = best.min(took);
-        last = Some(out);
+        let start = clock();
+        let mut calls = 0u32;
+        while calls == 0 || clock() - start < MIN_SAMPLE {
+            last = Some(black_box(f()));
+            calls += 1;
+        }
+        best = best.min((clock() - start) / calls);
     }
     (best, last.expect("RUNS is at least 1"))
 }
