@@ -178,6 +178,9 @@ struct RoundRun {
     core_time: Duration,
     /// The PoP folds' wall time.
     pop_time: Duration,
+    /// Store time summed over stores, by step: keys, sharing, receiving shares, quantising,
+    /// masking and packing, answering the unmask request.
+    steps: [Duration; 6],
     /// Survivors, or the failure.
     result: std::result::Result<usize, String>,
 }
@@ -194,6 +197,7 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         unmask: wait,
     };
     let mut store_time = vec![Duration::ZERO; n];
+    let mut steps = [Duration::ZERO; 6];
     let mut control = vec![0usize; n];
     let mut sent = vec![0usize; n];
     let mut core_time = Duration::ZERO;
@@ -211,7 +215,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
     for (i, id) in plan.cohort().iter().enumerate() {
         let t = cpu_now();
         let (session, advert) = StoreSession::new(plan.clone(), id.clone(), &mut rng)?;
-        store_time[i] += cpu_now() - t;
+        let dt = cpu_now() - t;
+        store_time[i] += dt;
+        steps[0] += dt;
         let advert = advert.context("secure mode advertises")?;
         control[i] += advert_len(&advert);
         stores.push(session);
@@ -229,7 +235,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         let i = plan.position(&to).context("cohort store")?;
         let t = cpu_now();
         let shares = stores[i].handle_neighbour_keys(&msg, &mut rng)?;
-        store_time[i] += cpu_now() - t;
+        let dt = cpu_now() - t;
+        store_time[i] += dt;
+        steps[1] += dt;
         control[i] += shares_len(&shares);
         next.extend(timed_core(&mut || {
             Ok(core.handle_encrypted_shares(now, shares.clone())?)
@@ -242,7 +250,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         let i = plan.position(&to).context("cohort store")?;
         let t = cpu_now();
         stores[i].handle_shares(&msg)?;
-        store_time[i] += cpu_now() - t;
+        let dt = cpu_now() - t;
+        store_time[i] += dt;
+        steps[2] += dt;
     }
 
     // 3. Quantise, mask and upload; the dropped stores vanish after sharing. Two PoPs.
@@ -259,8 +269,14 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         }
         let t = cpu_now();
         let q = plan.quantise(&update, &mut rng)?;
+        let quantised = cpu_now() - t;
+        steps[3] += quantised;
+        store_time[i] += quantised;
+        let t = cpu_now();
         let masked = stores[i].mask(&q)?;
-        store_time[i] += cpu_now() - t;
+        let dt = cpu_now() - t;
+        store_time[i] += dt;
+        steps[4] += dt;
         sent[i] += masked_len(&masked);
         let t = cpu_now();
         pops[i % 2].fold(&masked)?;
@@ -290,7 +306,9 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         let i = plan.position(&to).context("cohort store")?;
         let t = cpu_now();
         let resp = stores[i].handle_unmask_request(&req)?;
-        store_time[i] += cpu_now() - t;
+        let dt = cpu_now() - t;
+        store_time[i] += dt;
+        steps[5] += dt;
         control[i] += response_len(&resp);
         if core.outcome().is_none() {
             timed_core(&mut || Ok(core.handle_unmask_response(now, resp.clone())?))?;
@@ -310,6 +328,7 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         sent_bytes: sent,
         core_time,
         pop_time,
+        steps,
         result,
     })
 }
@@ -337,10 +356,11 @@ fn round_table(large: bool) -> Result<()> {
         }
     }
 
+    let mut breakdown = None;
     println!();
     println!("whole rounds: 8-bit quantisation, 2 guard bits, 2 PoPs, dropouts after sharing");
     println!(
-        "{:>4} {:>9} {:>5} {:<10} {:>4} {:>3} {:>3} {:>10} {:>11} {:>10} {:>9} {:>9} {:>10} {:>9}  result",
+        "{:>4} {:>9} {:>5} {:<10} {:>4} {:>3} {:>3} {:>10} {:>11} {:>10} {:>9} {:>13} {:>13} {:>8}  result",
         "n",
         "d",
         "drop",
@@ -381,13 +401,24 @@ fn round_table(large: bool) -> Result<()> {
             });
         }
         let (store_s, core_s, pop_s, run) = best.context("at least one repeat")?;
+        if breakdown.is_none() {
+            let label = format!("n = {n}, d = {d}, {} graph", hood.name());
+            breakdown = Some((label, run.steps, n));
+        }
         let bytes = median(run.sent_bytes.iter().map(|&b| b as f64).collect());
         let (k, t) = hood.pick(n);
-        let store_ratio = store_s / REF_CLIENT_S.0;
-        let core_ratio = core_s / REF_SERVER_S.0;
-        let met = store_ratio <= 0.1 && core_ratio <= 0.1;
+        // Ratios to the reference's low and high ends; the target is a tenth.
+        let store_ratio = (store_s / REF_CLIENT_S.0, store_s / REF_CLIENT_S.1);
+        let core_ratio = (core_s / REF_SERVER_S.0, core_s / REF_SERVER_S.1);
+        let target = if store_ratio.0 <= 0.1 && core_ratio.0 <= 0.1 {
+            "met"
+        } else if store_ratio.1 <= 0.1 && core_ratio.1 <= 0.1 {
+            "met (hi)"
+        } else {
+            "missed"
+        };
         println!(
-            "{:>4} {:>9} {:>4.0}% {:<10} {:>4} {:>3} {:>3} {:>10.5} {:>11.0} {:>10.4} {:>9.4} {:>9.3} {:>10.3} {:>9}  {}",
+            "{:>4} {:>9} {:>4.0}% {:<10} {:>4} {:>3} {:>3} {:>10.5} {:>11.0} {:>10.4} {:>9.4} {:>13} {:>13} {:>8}  {}",
             n,
             d,
             dropout * 100.0,
@@ -399,19 +430,38 @@ fn round_table(large: bool) -> Result<()> {
             bytes,
             core_s,
             pop_s,
-            store_ratio,
-            core_ratio,
-            if met { "met" } else { "missed" },
+            format!("{:.3}-{:.3}", store_ratio.1, store_ratio.0),
+            format!("{:.3}-{:.3}", core_ratio.1, core_ratio.0),
+            target,
             match &run.result {
                 Ok(s) => format!("ok, {s} survivors"),
                 Err(e) => format!("failed: {e}"),
             }
         );
     }
+    if let Some((label, steps, n)) = breakdown {
+        println!();
+        println!("store time by step, mean over the cohort, {label}:");
+        let names = [
+            "keys",
+            "share",
+            "receive",
+            "quantise",
+            "mask+pack",
+            "unmask",
+        ];
+        for (name, t) in names.iter().zip(steps) {
+            println!(
+                "  {name:<10} {:>9.3} ms",
+                t.as_secs_f64() * 1e3 / f64::from(n)
+            );
+        }
+    }
     println!();
     println!(
-        "reference: client {}-{} s, server {}-{} s per round; store/ref and core/ref divide by \
-         the low ends, and the target is <= 0.1 for both",
+        "reference: client {}-{} s, server {}-{} s per round; store/ref and core/ref give the \
+         ratio to its high and low ends; the target is <= 0.1 for both (\"met (hi)\": against \
+         the high ends only)",
         REF_CLIENT_S.0, REF_CLIENT_S.1, REF_SERVER_S.0, REF_SERVER_S.1
     );
     Ok(())

@@ -12,7 +12,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hkdf::Hkdf;
 use sha2::Sha256;
-use x25519_dalek::{PublicKey, StaticSecret};
+use x25519_dalek::{PublicKey, SharedSecret, StaticSecret};
 
 use crate::ids::{RoundId, StoreId};
 
@@ -35,11 +35,24 @@ pub(crate) fn derive(
     a: &StoreId,
     b: &StoreId,
 ) -> Option<[u8; 32]> {
-    let shared = secret.diffie_hellman(peer);
-    if !shared.was_contributory() {
-        return None;
-    }
+    let shared = agree(secret, peer)?;
+    Some(expand(&shared, round, purpose, a, b))
+}
 
+/// The X25519 agreement, or `None` for a low-order peer key.
+pub(crate) fn agree(secret: &StaticSecret, peer: &PublicKey) -> Option<SharedSecret> {
+    let shared = secret.diffie_hellman(peer);
+    shared.was_contributory().then_some(shared)
+}
+
+/// HKDF-SHA256 from an agreement to the key for one purpose, round and pair.
+pub(crate) fn expand(
+    shared: &SharedSecret,
+    round: RoundId,
+    purpose: Purpose,
+    a: &StoreId,
+    b: &StoreId,
+) -> [u8; 32] {
     // Mask keys name the pair in a fixed order so both ends derive the same key; share keys
     // keep sender then receiver.
     let (first, second) = match purpose {
@@ -61,8 +74,8 @@ pub(crate) fn derive(
     let hk = Hkdf::<Sha256>::new(Some(b"fedmesh secagg v1"), shared.as_bytes());
     let mut key = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's 8160-byte limit, so expand cannot fail.
-    hk.expand(&info, &mut key).ok()?;
-    Some(key)
+    let _ = hk.expand(&info, &mut key);
+    key
 }
 
 /// Associated data binding a share ciphertext to its round, sender and receiver.

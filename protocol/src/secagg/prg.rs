@@ -1,13 +1,13 @@
-//! Mask expansion: a ChaCha20 keystream, keyed with a full 256-bit secret, read as ring
-//! elements.
+//! Mask expansion: a ChaCha20 keystream (RFC 8439, zero nonce), keyed with a full 256-bit
+//! secret, read as ring elements.
 //!
 //! Each element takes the smallest whole number of bytes that covers the ring (2, 4 or 8)
 //! and keeps its low `r` bits; since 2^r divides 2^16, 2^32 and 2^64, the low bits of a
 //! uniform word are uniform in the ring. Sums are kept modulo 2^64 and reduced once at the
 //! end, which is the same as reducing at every step.
 
-use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20::{ChaCha20, Key, Nonce};
 
 /// Keystream bytes drawn per refill; large enough to amortise the generator's overhead.
 const BLOCK: usize = 16 * 1024;
@@ -16,11 +16,14 @@ const BLOCK: usize = 16 * 1024;
 /// The caller reduces modulo 2^r afterwards.
 pub(crate) fn apply_mask(acc: &mut [u64], key: &[u8; 32], negate: bool, ring_bits: u32) {
     let width = element_bytes(ring_bits);
-    let mut rng = ChaCha20Rng::from_seed(*key);
+    // Each key seeds one stream only, so the all-zero nonce is never reused with it.
+    let mut stream = ChaCha20::new(Key::from_slice(key), Nonce::from_slice(&[0u8; 12]));
     let mut buf = vec![0u8; BLOCK];
     for chunk in acc.chunks_mut(BLOCK / width) {
         let bytes = &mut buf[..chunk.len() * width];
-        rng.fill_bytes(bytes);
+        // XOR onto zeros leaves the keystream itself.
+        bytes.fill(0);
+        stream.apply_keystream(bytes);
         match width {
             2 => combine(chunk, bytes.chunks_exact(2), negate, |b| {
                 u64::from(u16::from_le_bytes([b[0], b[1]]))

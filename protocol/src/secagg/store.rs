@@ -141,6 +141,8 @@ pub struct StoreSession {
     /// The self-mask seed b; it leaves the store only as Shamir shares.
     mask_seed: Zeroizing<[u8; 32]>,
     peers: BTreeMap<StoreId, PeerKeys>,
+    /// Keys that open the bundles each neighbour sends this store.
+    open_keys: BTreeMap<StoreId, Zeroizing<[u8; 32]>>,
     held: BTreeMap<StoreId, HeldShares>,
     pair_keys: Vec<(StoreId, Zeroizing<[u8; 32]>)>,
     released_seed: BTreeSet<StoreId>,
@@ -189,6 +191,7 @@ impl StoreSession {
             mask_secret,
             mask_seed,
             peers: BTreeMap::new(),
+            open_keys: BTreeMap::new(),
             held: BTreeMap::new(),
             pair_keys: Vec::new(),
             released_seed: BTreeSet::new(),
@@ -253,19 +256,22 @@ impl StoreSession {
 
         // 3. One authenticated bundle per neighbour.
         let mut shares = Vec::with_capacity(peers.len());
+        let mut open_keys = BTreeMap::new();
         for ((peer, keys), (seed, key)) in peers.iter().zip(seed_shares.iter().zip(&key_shares)) {
             let round = self.plan.round();
-            let enc = Zeroizing::new(
-                keys::derive(
-                    &self.cipher_secret,
-                    &keys.cipher,
-                    round,
-                    Purpose::ShareEncryption,
-                    &self.me,
-                    peer,
-                )
-                .ok_or_else(|| StoreError::WeakKey(peer.clone()))?,
-            );
+            // One agreement per neighbour gives both directions' keys; the receiving key is
+            // kept for step 3.
+            let shared = keys::agree(&self.cipher_secret, &keys.cipher)
+                .ok_or_else(|| StoreError::WeakKey(peer.clone()))?;
+            let enc = Zeroizing::new(keys::expand(
+                &shared,
+                round,
+                Purpose::ShareEncryption,
+                &self.me,
+                peer,
+            ));
+            let open = keys::expand(&shared, round, Purpose::ShareEncryption, peer, &self.me);
+            open_keys.insert(peer.clone(), Zeroizing::new(open));
             let mut plain = Zeroizing::new([0u8; 2 * SHARE_LEN]);
             plain[..SHARE_LEN].copy_from_slice(&seed.to_bytes());
             plain[SHARE_LEN..].copy_from_slice(&key.to_bytes());
@@ -276,6 +282,7 @@ impl StoreSession {
             });
         }
         self.peers = peers;
+        self.open_keys = open_keys;
         self.phase = StorePhase::SharesSent;
         Ok(EncryptedShares {
             round: self.plan.round(),
@@ -310,18 +317,11 @@ impl StoreSession {
             if bundle.to != self.me {
                 return Err(StoreError::NotForThisStore(bundle.to.clone()));
             }
-            let enc = Zeroizing::new(
-                keys::derive(
-                    &self.cipher_secret,
-                    &keys.cipher,
-                    round,
-                    Purpose::ShareEncryption,
-                    from,
-                    &self.me,
-                )
-                .ok_or_else(|| StoreError::WeakKey(from.clone()))?,
-            );
-            let plain = keys::open(&enc, round, from, &self.me, &bundle.ciphertext)
+            let enc = self
+                .open_keys
+                .get(from)
+                .ok_or_else(|| StoreError::UnexpectedPeer(from.clone()))?;
+            let plain = keys::open(enc, round, from, &self.me, &bundle.ciphertext)
                 .map(Zeroizing::new)
                 .ok_or_else(|| StoreError::BadBundle(from.clone()))?;
             let pair = parse_bundle(&plain)
