@@ -101,7 +101,10 @@ impl BuildEnv {
         let venv = venv_dir(root);
         let python = venv.join("bin/python");
         let out = Command::new(&python)
-            .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
+            .args([
+                "-c",
+                "import os, torch; print(os.path.dirname(torch.__file__))",
+            ])
             .output()
             .with_context(|| format!("running {}", python.display()))?;
         if !out.status.success() {
@@ -223,7 +226,10 @@ fn ensure_venv(root: &Path) -> Result<()> {
         eprintln!("xtask: creating the project venv at {}", venv.display());
         check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    eprintln!("xtask: installing {} into the venv (a few minutes, once)", wanted.replace('\n', " "));
+    eprintln!(
+        "xtask: installing {} into the venv (a few minutes, once)",
+        wanted.replace('\n', " ")
+    );
     check(
         Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
@@ -249,7 +255,14 @@ fn cargo(env: &BuildEnv, root: &Path, args: &[&str]) -> Result<()> {
 }
 
 fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
-    let mut args = vec!["run", "--release", "--package", "fedmesh-netlab", "--", "baseline"];
+    let mut args = vec![
+        "run",
+        "--release",
+        "--package",
+        "fedmesh-netlab",
+        "--",
+        "baseline",
+    ];
     args.extend(rest.iter().map(String::as_str));
     cargo(env, root, &args)
 }
@@ -259,7 +272,14 @@ fn test(root: &Path, env: &BuildEnv) -> Result<()> {
     cargo(
         env,
         root,
-        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
     )?;
     cargo(env, root, &["test", "--workspace", "--all-targets"])?;
     cargo(env, root, &["test", "--workspace", "--doc"])
