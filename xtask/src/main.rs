@@ -91,9 +91,12 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 /// The environment that builds and runs against the venv's libtorch.
+#[derive(Clone)]
 struct BuildEnv {
     venv: PathBuf,
     torch_lib: PathBuf,
+    /// Variables a command adds for its own children.
+    extra: Vec<(&'static str, OsString)>,
 }
 
 impl BuildEnv {
@@ -118,13 +121,14 @@ impl BuildEnv {
         Ok(Self {
             venv,
             torch_lib: torch_dir.join("lib"),
+            extra: Vec::new(),
         })
     }
 
     fn vars(&self) -> Vec<(&'static str, OsString)> {
         let path = prepend(&self.venv.join("bin"), env::var_os("PATH"));
         let ld = prepend(&self.torch_lib, env::var_os("LD_LIBRARY_PATH"));
-        vec![
+        let mut vars = vec![
             ("VIRTUAL_ENV", self.venv.clone().into_os_string()),
             ("PATH", path),
             ("LIBTORCH_USE_PYTORCH", "1".into()),
@@ -135,7 +139,9 @@ impl BuildEnv {
                 "OMP_NUM_THREADS",
                 env::var_os("OMP_NUM_THREADS").unwrap_or_else(|| "1".into()),
             ),
-        ]
+        ];
+        vars.extend(self.extra.iter().cloned());
+        vars
     }
 
     fn command(&self, root: &Path, program: &str) -> Command {
@@ -267,7 +273,24 @@ fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
     cargo(env, root, &args)
 }
 
+/// Fetches the OPA reference engine that the policy crate's differential test compares
+/// regorus against, and returns where it was unpacked.
+fn ensure_opa(root: &Path) -> Result<PathBuf> {
+    let site = root.join("target/opa/site");
+    check(
+        Command::new("bash")
+            .arg(root.join("scripts/opa/setup.sh"))
+            .env("FEDMESH_OPA_DIR", &site)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    Ok(site)
+}
+
 fn test(root: &Path, env: &BuildEnv) -> Result<()> {
+    let mut env = env.clone();
+    env.extra
+        .push(("FEDMESH_OPA_DIR", ensure_opa(root)?.into_os_string()));
+    let env = &env;
     cargo(env, root, &["fmt", "--all", "--", "--check"])?;
     cargo(
         env,
