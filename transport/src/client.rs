@@ -407,6 +407,7 @@ impl Client {
         }
 
         // 2. A new connection: QUIC first when due, else or on failure TCP.
+        let mut quic_error = None;
         if quic_due {
             match self.connect_h3().await {
                 Ok(quic) => {
@@ -419,12 +420,28 @@ impl Client {
                 Err(error) => {
                     info!(server.addr = %inner.config.quic_addr, %error, "quic failed; falling back to http/2 over tcp");
                     state.fell_back_at = Some(Instant::now());
+                    quic_error = Some(error);
                 }
             }
         }
-        let tcp = self.connect_h2().await?;
-        state.conn = Some(tcp.clone());
-        Ok(tcp)
+        match self.connect_h2().await {
+            Ok(tcp) => {
+                state.conn = Some(tcp.clone());
+                Ok(tcp)
+            }
+            Err(error) => {
+                // Stay on TCP only while TCP works: with both down, the next attempt
+                // starts with QUIC again.
+                state.fell_back_at = None;
+                Err(match (error, quic_error) {
+                    (ClientError::Connect { protocol, reason }, Some(quic)) => {
+                        let reason = format!("{reason}; before that, {quic}");
+                        ClientError::Connect { protocol, reason }
+                    }
+                    (error, _) => error,
+                })
+            }
+        }
     }
 
     async fn forget(&self, conn: &Conn) {
