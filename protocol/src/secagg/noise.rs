@@ -148,13 +148,16 @@ fn bernoulli_exp<R: RngCore>(rng: &mut R, n: u128, d: u128) -> bool {
 /// A uniform integer in `0..bound`, bound > 0, by rejection.
 fn uniform_below<R: RngCore>(rng: &mut R, bound: u128) -> u128 {
     if let Ok(b) = u64::try_from(bound) {
-        let zone = u64::MAX - (u64::MAX % b);
-        loop {
-            let v = rng.next_u64();
-            if v < zone {
-                return u128::from(v % b);
+        // Lemire's multiply-and-shift: the high word of v * b is uniform below b once the
+        // low word clears 2^64 mod b, which needs a division only in the rare near-miss.
+        let mut m = u128::from(rng.next_u64()) * u128::from(b);
+        if (m as u64) < b {
+            let floor = b.wrapping_neg() % b;
+            while (m as u64) < floor {
+                m = u128::from(rng.next_u64()) * u128::from(b);
             }
         }
+        return m >> 64;
     }
     let zone = u128::MAX - (u128::MAX % bound);
     loop {
