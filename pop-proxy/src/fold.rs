@@ -442,7 +442,7 @@ impl RoundAccumulator {
         }
 
         let mask = self.spec.ring.mask();
-        for (acc, v) in self.sum.iter_mut().zip(&scratch) {
+        for (acc, v) in self.sum.iter_mut().zip(&scratch[..]) {
             *acc = acc.wrapping_add(*v) & mask;
         }
         self.folded_bytes += unpacker.bytes_in() as u64;

@@ -194,13 +194,28 @@ impl Unpacker {
     }
 
     /// Eight bytes at a time through the bit accumulator; returns the tail.
+    ///
+    /// The state lives in locals for the loop (the same steps as [`Unpacker::feed`]):
+    /// through `&mut self` every step would go to memory.
     fn push_words<'c>(&mut self, chunk: &'c [u8], out: &mut [u64]) -> &'c [u8] {
+        let bits = self.ring.bits();
+        let mask = self.ring.mask();
+        let (mut acc, mut acc_bits, mut index) = (self.acc, self.acc_bits, self.index);
+        let out = &mut out[..self.len];
         let mut words = chunk.chunks_exact(8);
         for w in &mut words {
             let mut b = [0u8; 8];
             b.copy_from_slice(w);
-            self.feed(u64::from_le_bytes(b), 64, out);
+            acc |= u128::from(u64::from_le_bytes(b)) << acc_bits;
+            acc_bits += 64;
+            while acc_bits >= bits && index < out.len() {
+                out[index] = (acc as u64) & mask;
+                acc >>= bits;
+                acc_bits -= bits;
+                index += 1;
+            }
         }
+        (self.acc, self.acc_bits, self.index) = (acc, acc_bits, index);
         words.remainder()
     }
 
