@@ -717,3 +717,93 @@ pub enum ServerError {
     #[error("keepalive timeout {0:?} is out of range")]
     KeepAlive(Duration),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustls::pki_types::pem::PemObject;
+
+    use super::*;
+    use crate::pki::{CertificateAuthority, Validity};
+
+    fn store_peer() -> PeerIdentity {
+        let td = spiffe::TrustDomain::new("fl.example").expect("valid trust domain");
+        let ca = CertificateAuthority::new(&td, Validity::starting_now(Duration::from_secs(600)))
+            .expect("ca");
+        let issued = ca
+            .issue(
+                "/store/emea/0042",
+                Validity::starting_now(Duration::from_secs(600)),
+            )
+            .expect("svid");
+        let der = CertificateDer::from_pem_slice(issued.chain_pem.as_bytes()).expect("pem");
+        PeerIdentity::from_certificate(&der).expect("identity")
+    }
+
+    fn request(method: Method, path: &str) -> Request {
+        let uri = path.parse().expect("uri");
+        Request::new(
+            method,
+            uri,
+            HeaderMap::new(),
+            store_peer(),
+            Protocol::Http3,
+            RecvBody::empty(),
+        )
+    }
+
+    fn router() -> Router {
+        Router::new()
+            .route(
+                Method::GET,
+                "/rounds/{round}/plan",
+                |r: Request| async move {
+                    let round = r.param("round").unwrap_or_default().to_owned();
+                    Response::text(
+                        StatusCode::OK,
+                        format!("plan {round} for {}", r.peer().path()),
+                    )
+                },
+            )
+            .route(Method::PUT, "/rounds/{round}/plan", |_: Request| async {
+                Response::text(StatusCode::CREATED, "stored")
+            })
+    }
+
+    async fn text(response: Response) -> String {
+        let (_, mut body) = response.into_parts();
+        let mut out = Vec::new();
+        while let Some(piece) = body.next().await {
+            out.extend_from_slice(&piece.expect("body piece"));
+        }
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[tokio::test]
+    async fn routes_by_method_and_path_and_hands_over_parameters() {
+        let router = router();
+        let get = router
+            .dispatch(request(Method::GET, "/rounds/17/plan"))
+            .await;
+        assert_eq!(get.status(), StatusCode::OK);
+        assert_eq!(text(get).await, "plan 17 for /store/emea/0042");
+        let put = router
+            .dispatch(request(Method::PUT, "/rounds/17/plan"))
+            .await;
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn answers_405_for_known_path_and_404_for_unknown() {
+        let router = router();
+        let delete = router
+            .dispatch(request(Method::DELETE, "/rounds/17/plan"))
+            .await;
+        assert_eq!(delete.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let unknown = router
+            .dispatch(request(Method::GET, "/rounds/17/plan/extra"))
+            .await;
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    }
+}
