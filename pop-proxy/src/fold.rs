@@ -129,6 +129,9 @@ pub enum Rejection {
     /// The bytes are not a well-formed packed vector.
     #[error("malformed payload: {0}")]
     Malformed(#[from] PayloadError),
+    /// A trusted-pop plain update is not finite `f32`s of the right length.
+    #[error("malformed plain update: {0}")]
+    MalformedPlain(#[from] crate::robust::DecodeError),
     /// The stream broke before its end (connection lost, timeout).
     #[error("upload interrupted: {0}")]
     Interrupted(String),
@@ -194,7 +197,7 @@ impl Rejection {
             Self::Duplicate(_) => RejectReason::Duplicate,
             Self::NotInCohort(_) => RejectReason::NotInCohort,
             Self::RoundClosed(_) => RejectReason::RoundClosed,
-            Self::Malformed(_) => RejectReason::Malformed,
+            Self::Malformed(_) | Self::MalformedPlain(_) => RejectReason::Malformed,
             Self::Interrupted(_) => RejectReason::Interrupted,
         }
     }
@@ -324,7 +327,14 @@ impl RoundAccumulator {
         header: &UpdateHeader,
         decision: &Decision,
     ) -> Result<UpdateFold, Rejection> {
-        let checked = self.check(header, decision);
+        let checked = check_header(
+            &self.spec,
+            Some(self.spec.ring),
+            &self.contributors,
+            self.closed,
+            header,
+            decision,
+        );
         let unpacker = checked
             .and_then(|()| {
                 Unpacker::new(self.spec.ring, self.spec.len).ok_or(Rejection::WrongShape {
@@ -342,62 +352,6 @@ impl RoundAccumulator {
             scratch,
             unpacker,
         })
-    }
-
-    fn check(&self, header: &UpdateHeader, decision: &Decision) -> Result<(), Rejection> {
-        // 1. Policy first: a denied store learns nothing else about the round.
-        if !decision.allow {
-            return Err(Rejection::PolicyDenied {
-                rule: decision.rule.clone(),
-            });
-        }
-
-        // 2. Round binding.
-        let open = self.spec.round;
-        if header.round < open {
-            return Err(Rejection::StaleRound {
-                got: header.round,
-                open,
-            });
-        }
-        if header.round != open {
-            return Err(Rejection::UnknownRound {
-                got: header.round,
-                open,
-            });
-        }
-        if self.closed {
-            return Err(Rejection::RoundClosed(open));
-        }
-        if header.model_version != self.spec.model_version {
-            return Err(Rejection::WrongModelVersion {
-                got: header.model_version,
-                expected: self.spec.model_version,
-            });
-        }
-
-        // 3. Shape and ring.
-        if header.ring_bits != self.spec.ring.bits() {
-            return Err(Rejection::WrongRing {
-                got: header.ring_bits,
-                expected: self.spec.ring.bits(),
-            });
-        }
-        if header.len != self.spec.len {
-            return Err(Rejection::WrongShape {
-                got: header.len,
-                expected: self.spec.len,
-            });
-        }
-
-        // 4. Membership and one update per store.
-        if !self.spec.expected.contains(&header.store) {
-            return Err(Rejection::NotInCohort(header.store.clone()));
-        }
-        if self.contributors.contains(&header.store) {
-            return Err(Rejection::Duplicate(header.store.clone()));
-        }
-        Ok(())
     }
 
     fn count(&mut self, rejection: Rejection) -> Rejection {
@@ -512,4 +466,70 @@ impl RoundAccumulator {
             contributors: self.contributors.iter().cloned().collect(),
         })
     }
+}
+
+/// The checks every update passes before its payload is read, in both modes: policy, round
+/// binding, shape (and ring, when `ring` is given), cohort membership and one update per
+/// store.
+pub(crate) fn check_header(
+    spec: &RoundSpec,
+    ring: Option<Ring>,
+    contributors: &BTreeSet<StoreId>,
+    closed: bool,
+    header: &UpdateHeader,
+    decision: &Decision,
+) -> Result<(), Rejection> {
+    // 1. Policy first: a denied store learns nothing else about the round.
+    if !decision.allow {
+        return Err(Rejection::PolicyDenied {
+            rule: decision.rule.clone(),
+        });
+    }
+
+    // 2. Round binding.
+    let open = spec.round;
+    if header.round < open {
+        return Err(Rejection::StaleRound {
+            got: header.round,
+            open,
+        });
+    }
+    if header.round != open {
+        return Err(Rejection::UnknownRound {
+            got: header.round,
+            open,
+        });
+    }
+    if closed {
+        return Err(Rejection::RoundClosed(open));
+    }
+    if header.model_version != spec.model_version {
+        return Err(Rejection::WrongModelVersion {
+            got: header.model_version,
+            expected: spec.model_version,
+        });
+    }
+
+    // 3. Shape and ring.
+    if let Some(ring) = ring.filter(|r| r.bits() != header.ring_bits) {
+        return Err(Rejection::WrongRing {
+            got: header.ring_bits,
+            expected: ring.bits(),
+        });
+    }
+    if header.len != spec.len {
+        return Err(Rejection::WrongShape {
+            got: header.len,
+            expected: spec.len,
+        });
+    }
+
+    // 4. Membership and one update per store.
+    if !spec.expected.contains(&header.store) {
+        return Err(Rejection::NotInCohort(header.store.clone()));
+    }
+    if contributors.contains(&header.store) {
+        return Err(Rejection::Duplicate(header.store.clone()));
+    }
+    Ok(())
 }

@@ -21,4 +21,4 @@ pub use fold::{
     PartialSum, RejectReason, Rejection, RoundAccumulator, RoundSpec, UpdateFold, UpdateHeader,
 };
 pub use ring::{PayloadError, Ring, RingError, Unpacker};
-pub use robust::{NormFilter, RobustAggregator, RobustError, RobustOutcome};
+pub use robust::{NormFilter, RobustAggregator, RobustError, RobustOutcome, TrustedRound};

@@ -5,9 +5,15 @@
 //! stores (one `f32` vector each); this mode is for chains that trust their PoPs and run
 //! cohorts small enough for it. Secure mode ([`crate::fold`]) is the default.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use fedmesh_policy::Decision;
 use fedmesh_protocol::ids::StoreId;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::fold::{RejectReason, Rejection, RoundSpec, UpdateHeader, check_header};
 
 /// The aggregator a plan chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -165,6 +171,84 @@ pub fn aggregate_round(
         contributors: kept.iter().map(|&i| stores[i].clone()).collect(),
         quarantined: quarantined.iter().map(|&i| stores[i].clone()).collect(),
     })
+}
+
+/// A trusted-pop round: plain updates collected whole, after the same checks as secure
+/// mode (policy, round binding, shape, cohort, one per store; no ring), then filtered and
+/// aggregated when the round closes.
+#[derive(Debug)]
+pub struct TrustedRound {
+    spec: RoundSpec,
+    aggregator: RobustAggregator,
+    filter: NormFilter,
+    stores: BTreeSet<StoreId>,
+    updates: Vec<(StoreId, Vec<f32>)>,
+    rejected: BTreeMap<RejectReason, u64>,
+    closed: bool,
+}
+
+impl TrustedRound {
+    /// An empty round for `spec` (its ring is unused), aggregated as the plan says.
+    pub fn open(spec: RoundSpec, aggregator: RobustAggregator, filter: NormFilter) -> Self {
+        Self {
+            spec,
+            aggregator,
+            filter,
+            stores: BTreeSet::new(),
+            updates: Vec::new(),
+            rejected: BTreeMap::new(),
+            closed: false,
+        }
+    }
+
+    /// Rejections so far, by reason.
+    pub fn rejections(&self) -> &BTreeMap<RejectReason, u64> {
+        &self.rejected
+    }
+
+    /// Checks and keeps one store's plain update (`len` little-endian `f32`s).
+    ///
+    /// # Errors
+    /// The [`Rejection`], already counted; the update is not kept.
+    pub fn accept(
+        &mut self,
+        header: &UpdateHeader,
+        decision: &Decision,
+        payload: &[u8],
+    ) -> Result<(), Rejection> {
+        let checked = check_header(
+            &self.spec,
+            None,
+            &self.stores,
+            self.closed,
+            header,
+            decision,
+        )
+        .and_then(|()| Ok(decode_plain(payload, self.spec.len)?));
+        match checked {
+            Ok(update) => {
+                self.stores.insert(header.store.clone());
+                self.updates.push((header.store.clone(), update));
+                Ok(())
+            }
+            Err(rejection) => {
+                *self.rejected.entry(rejection.reason()).or_default() += 1;
+                Err(rejection)
+            }
+        }
+    }
+
+    /// Closes the round once every expected store has reported or `now` is past the
+    /// deadline, and aggregates; `None` before that and after it closed.
+    pub fn poll_close(&mut self, now: Instant) -> Option<Result<RobustOutcome, RobustError>> {
+        let everyone = self.spec.expected.is_subset(&self.stores);
+        if self.closed || (!everyone && now < self.spec.deadline) {
+            return None;
+        }
+        self.closed = true;
+        let updates = std::mem::take(&mut self.updates);
+        Some(aggregate_round(updates, self.aggregator, self.filter))
+    }
 }
 
 impl RobustAggregator {

@@ -170,3 +170,105 @@ fn plain_update_decoding_refuses_bad_input() {
         Err(robust::DecodeError::NotFinite(1))
     );
 }
+
+mod trusted_round {
+    use std::time::{Duration, Instant};
+
+    use fedmesh_policy::Decision;
+    use fedmesh_pop_proxy::{
+        NormFilter, RejectReason, Ring, RobustAggregator, RoundSpec, TrustedRound, UpdateHeader,
+    };
+    use fedmesh_protocol::ids::{ModelVersion, RoundId, StoreId};
+
+    fn decision(allow: bool) -> Decision {
+        Decision {
+            allow,
+            rule: if allow { "allow" } else { "trust_domain" }.into(),
+            reasons: Vec::new(),
+            revision: "test".into(),
+        }
+    }
+
+    fn header(store: usize, round: u64) -> UpdateHeader {
+        UpdateHeader {
+            store: StoreId(format!("store-{store}")),
+            round: RoundId(round),
+            model_version: ModelVersion(1),
+            ring_bits: 0,
+            len: 1,
+        }
+    }
+
+    fn bytes(v: f32) -> Vec<u8> {
+        v.to_le_bytes().to_vec()
+    }
+
+    #[test]
+    fn checks_each_update_then_aggregates_the_accepted_ones() {
+        let spec = RoundSpec {
+            round: RoundId(4),
+            model_version: ModelVersion(1),
+            ring: Ring::new(32).unwrap(),
+            len: 1,
+            expected: (0..4).map(|i| StoreId(format!("store-{i}"))).collect(),
+            deadline: Instant::now() + Duration::from_secs(60),
+        };
+        let mut round = TrustedRound::open(
+            spec,
+            RobustAggregator::CoordinateMedian,
+            NormFilter::default(),
+        );
+        for (i, v) in [1.0f32, 2.0, 4.0].into_iter().enumerate() {
+            round
+                .accept(&header(i, 4), &decision(true), &bytes(v))
+                .unwrap();
+        }
+
+        let cases = [
+            (
+                header(0, 4),
+                decision(true),
+                bytes(9.0),
+                RejectReason::Duplicate,
+            ),
+            (
+                header(3, 3),
+                decision(true),
+                bytes(9.0),
+                RejectReason::StaleRound,
+            ),
+            (
+                header(3, 4),
+                decision(false),
+                bytes(9.0),
+                RejectReason::PolicyDenied,
+            ),
+            (
+                header(3, 4),
+                decision(true),
+                bytes(f32::NAN),
+                RejectReason::Malformed,
+            ),
+            (
+                header(3, 4),
+                decision(true),
+                vec![0; 8],
+                RejectReason::Malformed,
+            ),
+        ];
+        for (h, d, payload, reason) in &cases {
+            let err = round.accept(h, d, payload).unwrap_err();
+            assert_eq!(err.reason(), *reason, "{err}");
+        }
+        assert_eq!(round.poll_close(Instant::now()), None);
+
+        // Store 3 never sent a valid update: the deadline closes the round. Median of
+        // 1, 2, 4 is 2.
+        let outcome = round
+            .poll_close(Instant::now() + Duration::from_secs(61))
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.aggregate, vec![2.0]);
+        assert_eq!(outcome.contributors.len(), 3);
+    }
+}
