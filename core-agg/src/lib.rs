@@ -6,6 +6,11 @@
 //! maths read no clock and open no socket; the service drives them with the time and the
 //! messages it received. The command line (`core-agg`) plans DP budgets and rolls the
 //! registry back.
+//!
+//! Not here: the network service around these parts (the JSON API, Prometheus `/metrics`)
+//! and the secure-aggregation maths, which live in `fedmesh_protocol::secagg`; a round hands
+//! its survivors to that code and takes the answer back through
+//! [`rounds::Round::handle_unmasked`].
 
 pub mod ledger;
 pub mod registry;

@@ -9,9 +9,12 @@
 //! differs from its manifest, is refused.
 //!
 //! Storage sits behind [`Backend`]; [`embedded::EmbeddedBackend`] keeps it in a directory
-//! and is the default.
+//! and is the default, and `etcd::EtcdBackend` (feature `etcd`) keeps manifests and
+//! pointers in an etcd cluster.
 
 pub mod embedded;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::collections::BTreeMap;
 
