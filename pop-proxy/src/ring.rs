@@ -198,6 +198,9 @@ impl Unpacker {
     /// The state lives in locals for the loop (the same steps as [`Unpacker::feed`]):
     /// through `&mut self` every step would go to memory.
     fn push_words<'c>(&mut self, chunk: &'c [u8], out: &mut [u64]) -> &'c [u8] {
+        if self.ring.bits() <= 32 {
+            return self.push_narrow_words(chunk, out);
+        }
         let bits = self.ring.bits();
         let mask = self.ring.mask();
         let (mut acc, mut acc_bits, mut index) = (self.acc, self.acc_bits, self.index);
@@ -216,6 +219,30 @@ impl Unpacker {
             }
         }
         (self.acc, self.acc_bits, self.index) = (acc, acc_bits, index);
+        words.remainder()
+    }
+
+    /// [`Unpacker::push_words`] for r <= 32: four bytes at a time through a 64-bit
+    /// accumulator, which holds fewer than r bits between words, so 32 more always fit and
+    /// no 128-bit arithmetic is needed.
+    fn push_narrow_words<'c>(&mut self, chunk: &'c [u8], out: &mut [u64]) -> &'c [u8] {
+        let bits = self.ring.bits();
+        let mask = self.ring.mask();
+        // Fewer than r <= 32 bits are carried between calls, so the cast keeps them all.
+        let (mut acc, mut acc_bits, mut index) = (self.acc as u64, self.acc_bits, self.index);
+        let out = &mut out[..self.len];
+        let mut words = chunk.chunks_exact(4);
+        for w in &mut words {
+            acc |= u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])) << acc_bits;
+            acc_bits += 32;
+            while acc_bits >= bits && index < out.len() {
+                out[index] = acc & mask;
+                acc >>= bits;
+                acc_bits -= bits;
+                index += 1;
+            }
+        }
+        (self.acc, self.acc_bits, self.index) = (u128::from(acc), acc_bits, index);
         words.remainder()
     }
 
