@@ -19,6 +19,9 @@
 //! another round or version, from a store outside the cohort, duplicated, late or in the
 //! wrong phase is rejected, counted, and never reaches a sum.
 //!
+//! A round serialises whole (serde), so core can save it after every call and carry on
+//! after a restart.
+//!
 //! Secure aggregation (`fedmesh_protocol::secagg`) runs between collection and
 //! aggregation: [`Round::survivors`] and [`Round::dropped`] tell it whose masks to remove,
 //! and it answers through [`Round::handle_unmasked`].

@@ -296,3 +296,27 @@ fn a_round_ends_when_unmasking_never_answers() {
         Phase::Ended(Outcome::Abandoned(AbandonReason::Timeout { .. }))
     ));
 }
+
+#[test]
+fn a_round_survives_a_restart_mid_collection() {
+    // Core saves the round after every call; a new process reads it back and carries on.
+    let (mut round, online) = selected_round(RoundConfig::default());
+    let cohort: Vec<_> = round.selected().cloned().collect();
+    round.handle_report(at(20), &report(&cohort[0])).unwrap();
+    let saved = serde_json::to_string(&round).unwrap();
+
+    let mut restarted: Round = serde_json::from_str(&saved).unwrap();
+    assert_eq!(
+        restarted.handle_report(at(21), &report(&cohort[0])),
+        Err(Rejection::Duplicate)
+    );
+    restarted
+        .handle_report(at(22), &report(&cohort[1]))
+        .unwrap();
+    restarted
+        .handle_report(at(23), &report(&cohort[2]))
+        .unwrap();
+    assert_eq!(restarted.phase(), &Phase::Unmasking);
+    restarted.poll(at(23), &online, &no_exclusion);
+    assert_eq!(restarted.survivors().len(), 3);
+}
