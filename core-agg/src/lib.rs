@@ -15,6 +15,7 @@
 pub mod ledger;
 pub mod registry;
 pub mod rounds;
+pub mod statistics;
 pub mod strategy;
 
 use std::fmt;

@@ -272,6 +272,11 @@ impl CohortSum {
         Ok(())
     }
 
+    /// The running sum of scaled updates.
+    pub fn sum(&self) -> &[f64] {
+        &self.sum
+    }
+
     /// Stores added so far.
     pub fn stores(&self) -> usize {
         self.stores
