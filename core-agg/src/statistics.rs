@@ -1,11 +1,11 @@
 //! Federated statistics: the normalisation that training rounds carry, computed without
 //! moving rows.
 //!
-//! A statistics round uses the aggregation path of a training round. Each store contributes the
-//! vector `[n, sum x_1 .. sum x_d, sum x_1^2 .. sum x_d^2]` of its row count and per-feature
-//! sums and sums of squares (masked and noised like an update, in secure mode); core adds
-//! the vectors with a [`CohortSum`] at scale 1 and turns the total into means and standard
-//! deviations here.
+//! A statistics round uses the aggregation path of a training round. Each store
+//! contributes the vector `[n, sum x_1 .. sum x_d, sum x_1^2 .. sum x_d^2]` of its row
+//! count and per-feature sums and sums of squares (masked and noised like an update, in
+//! secure mode); core adds the vectors with a [`CohortSum`] at scale 1 and turns the total
+//! into means and standard deviations here.
 
 use serde::{Deserialize, Serialize};
 

@@ -39,7 +39,11 @@ proptest! {
     }
 
     #[test]
-    fn noise_search_meets_its_target(target in 0.5f64..10.0, q in 0.001f64..0.3, steps in 1u64..300) {
+    fn noise_search_meets_its_target(
+        target in 0.5f64..10.0,
+        q in 0.001f64..0.3,
+        steps in 1u64..300,
+    ) {
         let sigma = noise_multiplier_for_epsilon(target, q, steps, 1e-5).unwrap();
         prop_assert!(dp_sgd_epsilon(sigma, q, steps, 1e-5).unwrap() <= target);
     }
