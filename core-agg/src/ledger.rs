@@ -326,6 +326,39 @@ impl Ledger {
         self.status(model, store, now).excluded()
     }
 
+    /// Whether charging `planned` (unit and mechanism) at `now` would take the store past
+    /// a budget. Selection that must keep every store within budget leaves out such stores,
+    /// not only those already exhausted.
+    ///
+    /// # Errors
+    ///
+    /// [`LedgerError::Mechanism`] for a planned mechanism with invalid parameters.
+    pub fn would_exceed(
+        &self,
+        model: &ModelId,
+        store: &StoreId,
+        now: Timestamp,
+        planned: &[(PrivacyUnit, Mechanism)],
+    ) -> Result<bool, LedgerError> {
+        let account = self
+            .accounts
+            .get(model)
+            .and_then(|stores| stores.get(store));
+        let mut charges = account.map(|a| a.charges.clone()).unwrap_or_default();
+        for &(unit, mechanism) in planned {
+            self.curve(mechanism.q, mechanism.sigma)?;
+            charges.push(Charge {
+                at: now,
+                round: RoundId(0),
+                unit,
+                mechanism,
+            });
+        }
+        let record = self.unit_status(&charges, PrivacyUnit::Record, now);
+        let store_level = self.unit_status(&charges, PrivacyUnit::Store, now);
+        Ok(record.spent > record.budget || store_level.spent > store_level.budget)
+    }
+
     /// Drops charges that have left the window, so that the ledger stays bounded.
     pub fn prune(&mut self, now: Timestamp) {
         let start = self.window_start(now);

@@ -168,3 +168,34 @@ fn refuses_a_corrupt_file_and_a_store_without_examples() {
     assert!(matches!(result, Err(LedgerError::NoExamples(_))));
     assert_eq!(ledger.status(&model(), &store("s1"), T0).record.spent, 0.0);
 }
+
+#[test]
+fn projects_whether_the_next_round_would_pass_the_budget() {
+    let one_round = dp_sgd_epsilon(1.0, 64.0 / 1070.0, 192, 1e-5).unwrap();
+    let config = LedgerConfig {
+        record_budget: one_round / 0.85,
+        ..LedgerConfig::default()
+    };
+    let mut ledger = Ledger::new(config);
+    let next = [(
+        ledger::PrivacyUnit::Record,
+        PLAN.mechanism(&store("s1"), 1070).unwrap(),
+    )];
+
+    // A fresh store can afford one round; after it, a second would pass the budget even
+    // though the store is not yet exhausted.
+    assert!(
+        !ledger
+            .would_exceed(&model(), &store("s1"), T0, &next)
+            .unwrap()
+    );
+    ledger
+        .charge_record(&model(), &store("s1"), RoundId(1), T0, &PLAN, 1070)
+        .unwrap();
+    assert!(!ledger.excluded(&model(), &store("s1"), T0));
+    assert!(
+        ledger
+            .would_exceed(&model(), &store("s1"), T0, &next)
+            .unwrap()
+    );
+}
