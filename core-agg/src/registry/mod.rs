@@ -158,7 +158,8 @@ pub struct Manifest {
 pub struct SignedManifest {
     /// The manifest's JSON.
     pub manifest: String,
-    /// Ed25519 signature over [`SIGNING_CONTEXT`] and the JSON, lowercase hex.
+    /// Ed25519 signature over the context `fedmesh-manifest-v1\0` followed by the JSON,
+    /// lowercase hex.
     pub signature: String,
 }
 
