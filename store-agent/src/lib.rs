@@ -6,7 +6,10 @@
 //! - [`model`]: MLP and CNN models in `tch::nn` with stable parameter names, some of which may be
 //!   local (a personalised head that is trained but never exported);
 //! - [`train`] and [`dp`]: local training with FedProx, and DP-SGD with per-example clipping;
-//! - [`eval`]: local metrics; [`weights`]: weights and deltas as safetensors.
+//! - [`eval`]: local metrics; [`weights`]: weights and deltas as safetensors;
+//! - [`window`]: the local hours in which the store lets Fedmesh train;
+//! - [`queue`] and [`secrets`]: the upload queue and round secrets that survive a crash;
+//! - [`audit`]: the hash-chained audit log a regulator can check.
 //!
 //! A round, from the store's side:
 //!
@@ -26,15 +29,19 @@
 //!
 //! The update pipeline (clipping, noise, codecs, masking) lives in `fedmesh-protocol`.
 
+pub mod audit;
 pub mod dp;
 pub mod eval;
 pub mod ingest;
 pub mod model;
+pub mod queue;
 pub mod redact;
+pub mod secrets;
 pub mod spec;
 pub mod task;
 pub mod train;
 pub mod weights;
+pub mod window;
 
 use serde::{Deserialize, Serialize};
 
