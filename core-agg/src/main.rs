@@ -1,19 +1,21 @@
 //! `core-agg`: the Fedmesh core aggregator's command line.
 //!
-//! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets, and
-//! `core-agg registry rollback` moves a model's current version back; each prints one JSON
-//! object on stdout.
+//! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets,
+//! `core-agg registry rollback` moves a model's current version back, and
+//! `core-agg ledger status` prints a store's remaining epsilon; each prints one JSON object
+//! on stdout.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use ed25519_dalek::SigningKey;
-use fedmesh_core_agg::ModelId;
+use fedmesh_core_agg::ledger::{self, LedgerConfig};
 use fedmesh_core_agg::registry::Registry;
 use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
+use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::accountant::{RdpAccountant, noise_multiplier_for_epsilon};
-use fedmesh_protocol::ids::ModelVersion;
+use fedmesh_protocol::ids::{ModelVersion, StoreId};
 use serde_json::json;
 
 /// Fedmesh core aggregator.
@@ -32,6 +34,34 @@ enum Command {
     /// Operate the model registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
+    /// Read the privacy ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Print a store's spend, remaining epsilon and flags for a model, in both units.
+    Status {
+        /// The ledger file core keeps.
+        #[arg(long)]
+        file: PathBuf,
+        /// The model.
+        #[arg(long)]
+        model: String,
+        /// The store.
+        #[arg(long)]
+        store: String,
+        /// Record-level budget.
+        #[arg(long, default_value_t = LedgerConfig::default().record_budget)]
+        record_budget: f64,
+        /// Store-level budget.
+        #[arg(long, default_value_t = LedgerConfig::default().store_budget)]
+        store_budget: f64,
+        /// Time of the query, Unix seconds; now if absent.
+        #[arg(long)]
+        now: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,6 +137,30 @@ fn main() -> Result<()> {
             let model = ModelId(model);
             let current = registry.rollback(&model, to.map(ModelVersion))?;
             json!({ "model": model, "current": current })
+        }
+        Command::Ledger(LedgerCommand::Status {
+            file,
+            model,
+            store,
+            record_budget,
+            store_budget,
+            now,
+        }) => {
+            let config = LedgerConfig {
+                record_budget,
+                store_budget,
+                ..LedgerConfig::default()
+            };
+            let ledger = ledger::load(&file, config)?;
+            let now = match now {
+                Some(secs) => secs,
+                None => std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .context("clock before 1970")?
+                    .as_secs(),
+            };
+            let status = ledger.status(&ModelId(model), &StoreId(store), Timestamp(now));
+            json!({ "status": status, "excluded": status.excluded() })
         }
     };
     println!("{report}");
