@@ -150,8 +150,11 @@ pub struct RoundOutcome {
     pub sum: Vec<u64>,
     /// Stores whose updates are in the sum.
     pub survivors: Vec<StoreId>,
-    /// The noise the sum is guaranteed to carry, for the ledger.
+    /// The noise the sum is guaranteed to carry (the planned minimum of stores' shares):
+    /// what the ledger charges.
     pub noise: Option<GuaranteedNoise>,
+    /// The noise the sum carries if every survivor added its share; for monitoring only.
+    pub realised_noise: Option<GuaranteedNoise>,
 }
 
 /// Core's state for one round.
@@ -619,13 +622,14 @@ impl CoreSession {
 
     fn finish(&mut self) {
         let survivors: Vec<StoreId> = self.sum.contributors().iter().cloned().collect();
-        let noise = self.plan.guaranteed_noise(survivors.len());
+        let realised_noise = self.plan.noise_with(survivors.len());
         let sum = std::mem::replace(&mut self.sum, RingSum::new(&self.plan)).into_values();
         self.phase = CorePhase::Finished;
         self.outcome = Some(Ok(RoundOutcome {
             sum,
             survivors,
-            noise,
+            noise: self.plan.planned_noise(),
+            realised_noise,
         }));
     }
 

@@ -375,10 +375,10 @@ impl SecAggPlan {
         f64::from(max_level(self.config.quant_bits)) / f64::from(self.config.clip)
     }
 
-    /// The noise the decoded sum carries when `survivors` stores contributed, never counting
-    /// more than are guaranteed to: with fewer than `min_survivors` the round fails instead.
-    /// `None` when the plan adds no noise.
-    pub fn guaranteed_noise(&self, survivors: usize) -> Option<GuaranteedNoise> {
+    /// The noise the decoded sum carries when `survivors` honest stores contributed (never
+    /// fewer than `min_survivors`: with fewer the round fails instead). `None` when the plan
+    /// adds no noise. The ledger charges [`SecAggPlan::planned_noise`], not this.
+    pub fn noise_with(&self, survivors: usize) -> Option<GuaranteedNoise> {
         let g = self.noise?;
         let stores = survivors.max(self.min_survivors()) as u32;
         let ring_variance = g.variance() * f64::from(stores);
@@ -390,10 +390,11 @@ impl SecAggPlan {
         })
     }
 
-    /// The planned noise, counting only `min_survivors` stores: what the ledger charges
-    /// before the round runs.
+    /// The guaranteed noise, counting only `min_survivors` stores' shares: the figure the
+    /// ledger charges, before or after the round, since stores beyond the minimum are hoped
+    /// for, not guaranteed.
     pub fn planned_noise(&self) -> Option<GuaranteedNoise> {
-        self.guaranteed_noise(self.min_survivors())
+        self.noise_with(self.min_survivors())
     }
 
     /// Quantises a clipped update: keeps the planned coordinates, clamps each to the clip
