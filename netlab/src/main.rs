@@ -2,9 +2,11 @@
 //!
 //! `netlab baseline` trains the reference models on the vendored Dominick's data and prints
 //! their test RMSE as one JSON object, the yardstick federated runs are compared with;
-//! `netlab task-config` prints the matching task config with its normalisation statistics.
+//! `netlab task-config` prints the matching task config with its normalisation statistics;
+//! `netlab pki` writes a development PKI (CA and SVIDs) for labs and tests.
 
 mod baseline;
+mod pki;
 mod ridge;
 mod task_config;
 
@@ -28,6 +30,8 @@ enum Command {
     Baseline(BaselineArgs),
     /// Print the Dominick's task config (TOML) with normalisation from the pooled training rows.
     TaskConfig(TaskConfigArgs),
+    /// Write a development PKI: a trust domain's CA and SVIDs for core, PoPs and stores.
+    Pki(pki::PkiArgs),
 }
 
 /// Options of `netlab baseline`.
@@ -83,6 +87,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::TaskConfig(args) => print!("{}", task_config::run(&args)?),
+        Command::Pki(args) => print!("{}", pki::run(&args)?),
     }
     Ok(())
 }
