@@ -7,6 +7,7 @@
 //!   local (a personalised head that is trained but never exported);
 //! - [`train`] and [`dp`]: local training with FedProx, and DP-SGD with per-example clipping;
 //! - [`eval`]: local metrics; [`weights`]: weights and deltas as safetensors;
+//! - [`pipeline`]: the shared delta clipped, noised and compressed into the update sent;
 //! - [`window`]: the local hours in which the store lets Fedmesh train;
 //! - [`queue`] and [`secrets`]: the upload queue and round secrets that survive a crash;
 //! - [`audit`]: the hash-chained audit log a regulator can check.
@@ -27,13 +28,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The update pipeline (clipping, noise, codecs, masking) lives in `fedmesh-protocol`.
+//! The update maths (clipping, noise, codecs, masking) lives in `fedmesh-protocol`;
+//! [`pipeline`] applies it to the store's named weights.
 
 pub mod audit;
 pub mod dp;
 pub mod eval;
 pub mod ingest;
 pub mod model;
+pub mod pipeline;
 pub mod queue;
 pub mod redact;
 pub mod secrets;
