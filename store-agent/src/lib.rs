@@ -46,17 +46,9 @@ pub mod train;
 pub mod weights;
 pub mod window;
 
-use serde::{Deserialize, Serialize};
-
-/// A store's id as written in its data (e.g. `"2"` for Dominick's store 2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct StoreId(pub String);
-
-impl std::fmt::Display for StoreId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// A store's id (e.g. `"2"` for Dominick's store 2): the protocol's newtype, the last
+/// segment of the store's SPIFFE ID.
+pub use fedmesh_protocol::ids::StoreId;
 
 /// Rows of features with their targets, row-major.
 #[derive(Debug, Clone, PartialEq)]
