@@ -84,7 +84,7 @@ fn bench_ring(bits: u32, params: usize, updates: usize) -> Result<()> {
             len: params,
         };
         let mut fold = round
-            .begin(&header, &decision)
+            .begin(&header.store, &header, &decision)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         for chunk in payloads[i % payloads.len()].chunks(CHUNK) {
             fold.push(chunk).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -84,7 +84,7 @@ fn main() -> Result<()> {
             len: params,
         };
         let mut fold = round
-            .begin(&header, &decision)
+            .begin(&header.store, &header, &decision)
             .map_err(|e| anyhow!("{e}"))?;
         let mut prng = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64 + 1);
         let mut left = payload_bytes;

@@ -5,8 +5,9 @@
 //!
 //! 1. [`RoundAccumulator::open`] (or [`RoundAccumulator::recover`] after a restart) when
 //!    the plan arrives.
-//! 2. Per upload: [`RoundAccumulator::begin`] with the update's header and the policy
-//!    decision for its store; [`UpdateFold::push`] for each chunk as it arrives;
+//! 2. Per upload: [`RoundAccumulator::begin`] with the store's authenticated identity
+//!    (from the transport's peer certificate), the update's header and the policy
+//!    decision for that identity; [`UpdateFold::push`] for each chunk as it arrives;
 //!    [`RoundAccumulator::commit`] at the end of the stream, or
 //!    [`RoundAccumulator::abort`] when the stream fails.
 //! 3. [`RoundAccumulator::checkpoint`] before acknowledging stores: it makes the sum
@@ -56,7 +57,8 @@ pub struct RoundSpec {
 /// What an upload declares before its bytes: the binding of the update to its round.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateHeader {
-    /// The authenticated store (from its SVID, not from the body).
+    /// The store the update claims to come from. Client-supplied: it must equal the
+    /// authenticated store (from its SVID) passed alongside, or the update is refused.
     pub store: StoreId,
     /// The round the update was made for.
     pub round: RoundId,
@@ -76,6 +78,14 @@ pub enum Rejection {
     PolicyDenied {
         /// The rule that denied.
         rule: String,
+    },
+    /// The header names another store than the authenticated peer.
+    #[error("store {authenticated} sent an update claiming to be from store {claimed}")]
+    IdentityMismatch {
+        /// The store the transport authenticated (its SPIFFE ID).
+        authenticated: StoreId,
+        /// The store the header names.
+        claimed: StoreId,
     },
     /// The update is for an earlier round.
     #[error("update is for round {got}, an earlier round than the open {open}")]
@@ -143,6 +153,8 @@ pub enum Rejection {
 pub enum RejectReason {
     /// [`Rejection::PolicyDenied`].
     PolicyDenied,
+    /// [`Rejection::IdentityMismatch`].
+    IdentityMismatch,
     /// [`Rejection::StaleRound`].
     StaleRound,
     /// [`Rejection::UnknownRound`].
@@ -170,6 +182,7 @@ impl RejectReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::PolicyDenied => "policy_denied",
+            Self::IdentityMismatch => "identity_mismatch",
             Self::StaleRound => "stale_round",
             Self::UnknownRound => "unknown_round",
             Self::WrongModelVersion => "wrong_model_version",
@@ -189,6 +202,7 @@ impl Rejection {
     pub fn reason(&self) -> RejectReason {
         match self {
             Self::PolicyDenied { .. } => RejectReason::PolicyDenied,
+            Self::IdentityMismatch { .. } => RejectReason::IdentityMismatch,
             Self::StaleRound { .. } => RejectReason::StaleRound,
             Self::UnknownRound { .. } => RejectReason::UnknownRound,
             Self::WrongModelVersion { .. } => RejectReason::WrongModelVersion,
@@ -318,12 +332,15 @@ impl RoundAccumulator {
         self.folded_bytes
     }
 
-    /// Checks an upload's header and its store's policy decision, and starts decoding it.
+    /// Checks an upload's header and the policy decision for `peer`, the store the
+    /// transport authenticated, and starts decoding it. The update is credited to `peer`.
     ///
     /// # Errors
-    /// The [`Rejection`], already counted.
+    /// The [`Rejection`], already counted; [`Rejection::IdentityMismatch`] when the header
+    /// names another store than `peer`.
     pub fn begin(
         &mut self,
+        peer: &StoreId,
         header: &UpdateHeader,
         decision: &Decision,
     ) -> Result<UpdateFold, Rejection> {
@@ -332,6 +349,7 @@ impl RoundAccumulator {
             Some(self.spec.ring),
             &self.contributors,
             self.closed,
+            peer,
             header,
             decision,
         );
@@ -348,7 +366,7 @@ impl RoundAccumulator {
         // scratch vector needs no clearing.
         let scratch = self.pool.pop().unwrap_or_else(|| vec![0; self.spec.len]);
         Ok(UpdateFold {
-            store: header.store.clone(),
+            store: peer.clone(),
             scratch,
             unpacker,
         })
@@ -468,14 +486,15 @@ impl RoundAccumulator {
     }
 }
 
-/// The checks every update passes before its payload is read, in both modes: policy, round
-/// binding, shape (and ring, when `ring` is given), cohort membership and one update per
-/// store.
+/// The checks every update passes before its payload is read, in both modes: policy, the
+/// header's store against the authenticated `peer`, round binding, shape (and ring, when
+/// `ring` is given), cohort membership and one update per store.
 pub(crate) fn check_header(
     spec: &RoundSpec,
     ring: Option<Ring>,
     contributors: &BTreeSet<StoreId>,
     closed: bool,
+    peer: &StoreId,
     header: &UpdateHeader,
     decision: &Decision,
 ) -> Result<(), Rejection> {
@@ -486,7 +505,17 @@ pub(crate) fn check_header(
         });
     }
 
-    // 2. Round binding.
+    // 2. Identity binding: the decision was made for `peer`, so a header naming another
+    // store would be credited to a store whose policy was never checked, and would turn
+    // that store's own upload into a duplicate.
+    if header.store != *peer {
+        return Err(Rejection::IdentityMismatch {
+            authenticated: peer.clone(),
+            claimed: header.store.clone(),
+        });
+    }
+
+    // 3. Round binding.
     let open = spec.round;
     if header.round < open {
         return Err(Rejection::StaleRound {
@@ -510,7 +539,7 @@ pub(crate) fn check_header(
         });
     }
 
-    // 3. Shape and ring.
+    // 4. Shape and ring.
     if let Some(ring) = ring.filter(|r| r.bits() != header.ring_bits) {
         return Err(Rejection::WrongRing {
             got: header.ring_bits,
@@ -524,7 +553,7 @@ pub(crate) fn check_header(
         });
     }
 
-    // 4. Membership and one update per store.
+    // 5. Membership and one update per store.
     if !spec.expected.contains(&header.store) {
         return Err(Rejection::NotInCohort(header.store.clone()));
     }

@@ -206,12 +206,15 @@ impl TrustedRound {
         &self.rejected
     }
 
-    /// Checks and keeps one store's plain update (`len` little-endian `f32`s).
+    /// Checks and keeps one store's plain update (`len` little-endian `f32`s), sent by
+    /// `peer`, the store the transport authenticated and the policy judged.
     ///
     /// # Errors
     /// The [`Rejection`], already counted; the update is not kept.
+    /// [`Rejection::IdentityMismatch`] when the header names another store than `peer`.
     pub fn accept(
         &mut self,
+        peer: &StoreId,
         header: &UpdateHeader,
         decision: &Decision,
         payload: &[u8],
@@ -221,14 +224,15 @@ impl TrustedRound {
             None,
             &self.stores,
             self.closed,
+            peer,
             header,
             decision,
         )
         .and_then(|()| Ok(decode_plain(payload, self.spec.len)?));
         match checked {
             Ok(update) => {
-                self.stores.insert(header.store.clone());
-                self.updates.push((header.store.clone(), update));
+                self.stores.insert(peer.clone());
+                self.updates.push((peer.clone(), update));
                 Ok(())
             }
             Err(rejection) => {

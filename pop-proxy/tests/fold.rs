@@ -49,6 +49,7 @@ fn packed(values: &[u64], bits: u32) -> Vec<u8> {
     fedmesh_protocol::codec::bitpack::pack(values, bits).unwrap()
 }
 
+/// An upload from the store its header names, as an honest store sends it.
 fn upload(
     round: &mut RoundAccumulator,
     header: &UpdateHeader,
@@ -56,7 +57,19 @@ fn upload(
     bytes: &[u8],
     chunk: usize,
 ) -> Result<(), Rejection> {
-    let mut fold = round.begin(header, decision)?;
+    upload_as(round, &header.store, header, decision, bytes, chunk)
+}
+
+/// An upload over a connection the transport authenticated as `peer`.
+fn upload_as(
+    round: &mut RoundAccumulator,
+    peer: &StoreId,
+    header: &UpdateHeader,
+    decision: &Decision,
+    bytes: &[u8],
+    chunk: usize,
+) -> Result<(), Rejection> {
+    let mut fold = round.begin(peer, header, decision)?;
     for piece in bytes.chunks(chunk.max(1)) {
         if let Err(rejection) = fold.push(piece) {
             round.abort(fold, rejection.clone());
@@ -196,6 +209,46 @@ fn rejects_each_bad_update_with_its_reason() {
 }
 
 #[test]
+fn store_cannot_fold_its_update_as_another_store() {
+    let spec = spec(16, 3, 2, far());
+    let mut round = RoundAccumulator::open(spec.clone());
+    let forged = packed(&[9, 9, 9], 16);
+
+    // Store 0 is authenticated and allowed, but its header names store 1.
+    let err = upload_as(
+        &mut round,
+        &store(0),
+        &header(&spec, 1),
+        &allowed(),
+        &forged,
+        2,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err,
+        Rejection::IdentityMismatch {
+            authenticated: store(0),
+            claimed: store(1),
+        }
+    );
+    assert_eq!(round.rejections()[&RejectReason::IdentityMismatch], 1);
+    assert!(round.contributors().is_empty());
+
+    // Store 1's own upload is still taken, not refused as a duplicate.
+    upload(
+        &mut round,
+        &header(&spec, 1),
+        &allowed(),
+        &packed(&[1, 2, 3], 16),
+        2,
+    )
+    .unwrap();
+    let sum = close_now(&mut round);
+    assert_eq!(sum.values, vec![1, 2, 3]);
+    assert_eq!(sum.contributors, vec![store(1)]);
+}
+
+#[test]
 fn denied_store_update_never_reaches_the_sum() {
     // A real denial from the default policy: the store's budget is spent.
     let policy = fedmesh_policy::load(
@@ -251,7 +304,9 @@ fn interrupted_stream_never_touches_the_sum_and_the_store_may_retry() {
     let mut round = RoundAccumulator::open(spec.clone());
     let bytes = packed(&[7, 7, 7, 7], 32);
 
-    let mut fold = round.begin(&header(&spec, 0), &allowed()).unwrap();
+    let mut fold = round
+        .begin(&store(0), &header(&spec, 0), &allowed())
+        .unwrap();
     fold.push(&bytes[..9]).unwrap();
     round.abort(fold, Rejection::Interrupted("connection reset".into()));
     assert_eq!(round.rejections()[&RejectReason::Interrupted], 1);

@@ -189,9 +189,13 @@ mod trusted_round {
         }
     }
 
+    fn peer(store: usize) -> StoreId {
+        StoreId(format!("store-{store}"))
+    }
+
     fn header(store: usize, round: u64) -> UpdateHeader {
         UpdateHeader {
-            store: StoreId(format!("store-{store}")),
+            store: peer(store),
             round: RoundId(round),
             model_version: ModelVersion(1),
             ring_bits: 0,
@@ -220,7 +224,7 @@ mod trusted_round {
         );
         for (i, v) in [1.0f32, 2.0, 4.0].into_iter().enumerate() {
             round
-                .accept(&header(i, 4), &decision(true), &bytes(v))
+                .accept(&peer(i), &header(i, 4), &decision(true), &bytes(v))
                 .unwrap();
         }
 
@@ -257,7 +261,7 @@ mod trusted_round {
             ),
         ];
         for (h, d, payload, reason) in &cases {
-            let err = round.accept(h, d, payload).unwrap_err();
+            let err = round.accept(&h.store, h, d, payload).unwrap_err();
             assert_eq!(err.reason(), *reason, "{err}");
         }
         assert_eq!(round.poll_close(Instant::now()), None);
@@ -270,5 +274,40 @@ mod trusted_round {
             .unwrap();
         assert_eq!(outcome.aggregate, vec![2.0]);
         assert_eq!(outcome.contributors.len(), 3);
+    }
+
+    #[test]
+    fn store_cannot_submit_a_plain_update_as_another_store() {
+        let spec = RoundSpec {
+            round: RoundId(4),
+            model_version: ModelVersion(1),
+            ring: Ring::new(32).unwrap(),
+            len: 1,
+            expected: (0..2).map(peer).collect(),
+            deadline: Instant::now() + Duration::from_secs(60),
+        };
+        let mut round = TrustedRound::open(
+            spec,
+            RobustAggregator::CoordinateMedian,
+            NormFilter::default(),
+        );
+
+        // Store 0, authenticated and allowed, names store 1 in its header.
+        let err = round
+            .accept(&peer(0), &header(1, 4), &decision(true), &bytes(1e6))
+            .unwrap_err();
+        assert_eq!(err.reason(), RejectReason::IdentityMismatch, "{err}");
+        assert_eq!(round.rejections()[&RejectReason::IdentityMismatch], 1);
+
+        // Store 1's own update is still taken; with it alone, the median is its value.
+        round
+            .accept(&peer(1), &header(1, 4), &decision(true), &bytes(2.0))
+            .unwrap();
+        let outcome = round
+            .poll_close(Instant::now() + Duration::from_secs(61))
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.aggregate, vec![2.0]);
+        assert_eq!(outcome.contributors, vec![peer(1)]);
     }
 }
