@@ -190,7 +190,13 @@ fn read_dir_files(dir: &Path) -> Result<Files, SourceError> {
             if !is_policy_file(&rel) {
                 continue;
             }
-            let bytes = fs::read(&path).map_err(io(&path))?;
+            // Read through a limit: a file's size (or a link to an endless device) is not
+            // to be trusted with memory, so at most one byte past the budget is read.
+            let file = fs::File::open(&path).map_err(io(&path))?;
+            let mut bytes = Vec::new();
+            file.take(MAX_POLICY_BYTES - total + 1)
+                .read_to_end(&mut bytes)
+                .map_err(io(&path))?;
             total += bytes.len() as u64;
             if total > MAX_POLICY_BYTES {
                 return Err(SourceError::TooLarge {

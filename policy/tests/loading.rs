@@ -275,3 +275,52 @@ fn decision_log_line_holds_the_decision_and_input_fields() {
     let time = line["time"].as_str().unwrap();
     assert!(time.ends_with('Z') && time.contains('T'), "{time}");
 }
+
+/// A `data.json` whose size claims far more than memory holds: a sparse file, so it costs
+/// no disk. Reading it whole would fail to allocate (or exhaust memory); it must instead
+/// be read only up to the policy budget and refused as too large.
+#[test]
+fn oversized_data_file_in_a_directory_is_refused_without_reading_it_whole() {
+    use fedmesh_policy::source::{self, SourceError};
+
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), &["alice"]);
+    let data = fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("data.json"))
+        .unwrap();
+    data.set_len(1 << 40).unwrap();
+    drop(data);
+
+    let err = source::read(&PolicyLocation::Dir(dir.path().to_path_buf())).unwrap_err();
+    assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+}
+
+/// A file one byte over the budget is refused; the budget counts every file together.
+#[test]
+fn data_file_one_byte_over_the_budget_is_refused() {
+    use fedmesh_policy::source::{self, MAX_POLICY_BYTES, SourceError};
+
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), &["alice"]);
+    let big = fs::File::create(dir.path().join("fedmesh/data.json")).unwrap();
+    big.set_len(MAX_POLICY_BYTES + 1).unwrap();
+    drop(big);
+
+    let err = source::read(&PolicyLocation::Dir(dir.path().to_path_buf())).unwrap_err();
+    assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+}
+
+/// A `data.json` that is a link to an endless device is read only up to the budget.
+#[cfg(unix)]
+#[test]
+fn data_file_linked_to_an_endless_device_is_refused() {
+    use fedmesh_policy::source::{self, SourceError};
+
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), &["alice"]);
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("fedmesh/data.json")).unwrap();
+
+    let err = source::read(&PolicyLocation::Dir(dir.path().to_path_buf())).unwrap_err();
+    assert!(matches!(err, SourceError::TooLarge { .. }), "{err}");
+}
