@@ -276,10 +276,13 @@ fn check_line(line: &[u8], number: u64, prev: &str) -> Result<(), String> {
         .filter(|&at| text.is_char_boundary(at) && text[at..].starts_with(HASH_MEMBER))
         .ok_or("does not end with a hash member")?;
     let (prefix, rest) = text.split_at(split);
-    let stated = &rest[HASH_MEMBER.len()..rest.len() - 2];
-    if !rest.ends_with("\"}") {
-        return Err("does not end with a hash member".into());
-    }
+    // Check the closing bytes before slicing, so that a multi-byte character there is a
+    // broken line rather than a slice off a character boundary.
+    let stated = rest
+        .strip_suffix("\"}")
+        .and_then(|r| r.strip_prefix(HASH_MEMBER))
+        .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or("does not end with a hash member")?;
 
     #[derive(Deserialize)]
     struct Head {
@@ -425,6 +428,19 @@ mod tests {
         log.append("2026-12-03T02:00:00Z", &event(9))
             .expect("append");
         assert_eq!(verify(&path).expect("read").expect("verifies").lines, 3);
+    }
+
+    #[test]
+    fn multibyte_garbage_in_the_hash_is_a_broken_line_not_a_panic() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        write_log(&path, 1);
+        let mut text = std::fs::read_to_string(&path).expect("read");
+        // `€` is three bytes: it straddles the position where the closing `"}` should be.
+        text.push_str(&format!("{{\"seq\":2,\"hash\":\"{}€\n", "a".repeat(63)));
+        std::fs::write(&path, text).expect("write");
+        let broken = verify(&path).expect("read").expect_err("must break");
+        assert_eq!(broken.line, 2, "{}", broken.reason);
     }
 
     #[test]

@@ -185,8 +185,19 @@ impl UploadQueue {
         for entry in fs::read_dir(&self.dir).map_err(io_at(&self.dir))? {
             let path = entry.map_err(io_at(&self.dir))?.path();
             let is_update = path.extension().is_some_and(|e| e == "update");
-            if let (true, Some(stem)) = (is_update, path.file_stem().and_then(|s| s.to_str())) {
-                out.push(self.entry(stem)?);
+            let Some(stem) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .filter(|_| is_update)
+            else {
+                continue;
+            };
+            match self.entry(stem) {
+                Ok(entry) => out.push(entry),
+                // One damaged file must not hide every other queued update: set it aside
+                // for inspection and carry on.
+                Err(QueueError::Corrupt { path, reason }) => quarantine(&path, &reason)?,
+                Err(err) => return Err(err),
             }
         }
         out.sort_by(|a, b| (a.meta.round, &a.id).cmp(&(b.meta.round, &b.id)));
@@ -285,7 +296,7 @@ impl UploadQueue {
 ///
 /// I/O errors.
 pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), QueueError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     let tmp = path.with_extension(format!(
         "{}.tmp",
@@ -298,6 +309,9 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), QueueEr
         .mode(mode)
         .open(&tmp)
         .map_err(io_at(&tmp))?;
+    // `mode` applies only when the file is created: tighten a left-over one too.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(&tmp))?;
     file.write_all(bytes).map_err(io_at(&tmp))?;
     file.sync_all().map_err(io_at(&tmp))?;
     drop(file);
@@ -305,6 +319,14 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), QueueEr
     fs::rename(&tmp, path).map_err(io_at(path))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     sync_dir(dir)
+}
+
+/// Renames a damaged queue file to `<name>.corrupt`, which the queue never reads again.
+fn quarantine(path: &Path, reason: &str) -> Result<(), QueueError> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    tracing::warn!(queue.file = %path.display(), queue.reason = reason, "quarantining a damaged queue file");
+    fs::rename(path, &aside).map_err(io_at(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), QueueError> {

@@ -39,17 +39,13 @@ pub fn redact_card_numbers(text: &str) -> (std::borrow::Cow<'_, str>, usize) {
         }
         let end = card_run_end(bytes, i);
         let stands_alone = end == bytes.len() || !is_attached(bytes[end]);
-        let digits: Vec<u8> = bytes[i..end]
-            .iter()
-            .filter(|b| b.is_ascii_digit())
-            .map(|b| b - b'0')
-            .collect();
-        if stands_alone && (MIN_DIGITS..=MAX_DIGITS).contains(&digits.len()) && luhn_valid(&digits)
-        {
-            out.push_str(&text[copied..i]);
-            out.push_str(REDACTED);
-            copied = end;
-            count += 1;
+        if stands_alone {
+            for (from, to) in card_spans(bytes, i, end) {
+                out.push_str(&text[copied..from]);
+                out.push_str(REDACTED);
+                copied = to;
+                count += 1;
+            }
         }
         i = end.max(i + 1);
     }
@@ -59,6 +55,48 @@ pub fn redact_card_numbers(text: &str) -> (std::borrow::Cow<'_, str>, usize) {
     }
     out.push_str(&text[copied..]);
     (std::borrow::Cow::Owned(out), count)
+}
+
+/// The card numbers inside the digit run `bytes[start..end]`, as byte ranges in order.
+///
+/// A card may share its run with other digit groups ("4111 1111 1111 1111 12/25" runs on into
+/// the expiry month), so every span of whole groups is a candidate: from each group, the
+/// longest span of 13-19 digits that passes the Luhn check is taken.
+fn card_spans(bytes: &[u8], start: usize, end: usize) -> Vec<(usize, usize)> {
+    let mut groups = Vec::new();
+    let mut g = start;
+    for i in start..=end {
+        if i == end || !bytes[i].is_ascii_digit() {
+            if g < i {
+                groups.push((g, i));
+            }
+            g = i + 1;
+        }
+    }
+
+    let mut spans = Vec::new();
+    let mut first = 0;
+    while first < groups.len() {
+        let mut digits = Vec::new();
+        let mut longest = None;
+        for (last, &(from, to)) in groups.iter().enumerate().skip(first) {
+            digits.extend(bytes[from..to].iter().map(|b| b - b'0'));
+            if digits.len() > MAX_DIGITS {
+                break;
+            }
+            if digits.len() >= MIN_DIGITS && luhn_valid(&digits) {
+                longest = Some(last);
+            }
+        }
+        match longest {
+            Some(last) => {
+                spans.push((groups[first].0, groups[last].1));
+                first = last + 1;
+            }
+            None => first += 1,
+        }
+    }
+    spans
 }
 
 /// Whether the Luhn checksum of `digits` (most significant first, values 0-9) is valid.
@@ -115,5 +153,17 @@ mod tests {
         assert!(luhn_valid(&digits));
         let digits: Vec<u8> = "4111111111111112".bytes().map(|b| b - b'0').collect();
         assert!(!luhn_valid(&digits));
+    }
+
+    #[test]
+    fn card_followed_or_preceded_by_other_digit_groups_is_still_redacted() {
+        // The 18- and 17-digit runs fail Luhn as a whole; the 16-digit card inside passes.
+        let (out, n) = redact_card_numbers("paid 4111111111111111 12/25");
+        assert_eq!((out.as_ref(), n), ("paid [REDACTED] 12/25", 1));
+        let (out, n) = redact_card_numbers("lane 2 4111-1111-1111-1111");
+        assert_eq!((out.as_ref(), n), ("lane 2 [REDACTED]", 1));
+        // Digit groups that hold no Luhn-valid span are left alone.
+        let (out, n) = redact_card_numbers("order 1234 5678 9012 3456 7");
+        assert_eq!((out.as_ref(), n), ("order 1234 5678 9012 3456 7", 0));
     }
 }

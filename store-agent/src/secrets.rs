@@ -34,6 +34,13 @@ impl RoundSecrets {
             .create(dir)
             .map_err(io_err)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        // A write cut short by a crash leaves a temporary file holding a secret.
+        for entry in fs::read_dir(dir).map_err(io_err)? {
+            let path = entry.map_err(io_err)?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                fs::remove_file(&path).map_err(io_err)?;
+            }
+        }
         Ok(Self {
             dir: dir.to_owned(),
         })
@@ -111,6 +118,11 @@ mod tests {
             secrets.load(4).expect("load").as_deref().map(Vec::as_slice),
             Some(&b"x25519 secret"[..])
         );
+
+        // A temporary file left by a crash mid-write is removed when the agent restarts.
+        fs::write(dir.join("round-6.key.tmp"), b"half a secret").expect("write");
+        let secrets = RoundSecrets::open(&dir).expect("reopen");
+        assert!(!dir.join("round-6.key.tmp").exists());
 
         secrets.forget_through(4).expect("forget");
         assert!(secrets.load(4).expect("load").is_none());

@@ -201,3 +201,31 @@ fn queued_update_is_readable_and_private() {
         "{err}"
     );
 }
+
+#[test]
+fn a_damaged_entry_is_set_aside_and_the_rest_of_the_queue_still_opens() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let queue = UploadQueue::open(tmp.path()).expect("open");
+    let meta = |round| UpdateMeta {
+        round,
+        model_version: 1,
+    };
+    let good = queue.enqueue(meta(1), b"first update").expect("enqueue");
+    let bad = queue.enqueue(meta(2), b"second update").expect("enqueue");
+    let bad_path = tmp.path().join(format!("{}.update", bad.id));
+    fs::write(&bad_path, b"FMQUEUE1 torn").expect("damage");
+
+    let reopened = UploadQueue::open(tmp.path()).expect("a damaged file must not block the queue");
+    let left: Vec<String> = reopened
+        .list()
+        .expect("list")
+        .into_iter()
+        .map(|u| u.id)
+        .collect();
+    assert_eq!(left, vec![good.id]);
+    assert!(
+        tmp.path()
+            .join(format!("{}.update.corrupt", bad.id))
+            .exists()
+    );
+}
