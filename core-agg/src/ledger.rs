@@ -425,16 +425,15 @@ impl Ledger {
         }
     }
 
-    /// Epsilon of the charges of `unit` inside the window ending at `now`.
+    /// Epsilon of the charges of `unit` made since the start of the window ending at `now`.
     fn spent(&self, charges: &[Charge], unit: PrivacyUnit, now: Timestamp) -> f64 {
         let start = self.window_start(now);
         let orders = default_orders();
         let mut total = vec![0.0; orders.len()];
         let mut any = false;
-        for charge in charges
-            .iter()
-            .filter(|c| c.unit == unit && c.at > start && c.at <= now)
-        {
+        // A charge stamped after `now` still counts: after a clock step back (or a status
+        // asked for an earlier time) it is spend the store already made, not spend to come.
+        for charge in charges.iter().filter(|c| c.unit == unit && c.at > start) {
             let m = charge.mechanism;
             // Charges were validated when made, and a file that fails here is corrupt: an
             // unreadable spend counts as unbounded rather than as nothing.

@@ -36,6 +36,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
 
+/// Most examples one store may claim to have evaluated. A report above it is refused: a
+/// store with a huge count would otherwise outweigh every other evaluator.
+pub const MAX_EVALUATION_EXAMPLES: u64 = 1 << 40;
+
 /// How a round selects and how long each phase may take.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RoundConfig {
@@ -148,6 +152,12 @@ pub enum AbandonReason {
     /// The registry refused or failed to publish.
     #[error("publish failed: {0}")]
     PublishFailed(String),
+    /// The evaluation reports combine to a loss that is not a finite number.
+    #[error("candidate loss {loss} is not finite")]
+    NonFiniteLoss {
+        /// The combined loss.
+        loss: f64,
+    },
 }
 
 /// Why a message was rejected.
@@ -210,8 +220,8 @@ pub enum Event {
     },
     /// Collection is over: unmask the sum of these stores' updates.
     Unmask(Vec<StoreId>),
-    /// Evaluate the candidate on held-out stores.
-    Evaluate,
+    /// Send the candidate to these held-out stores to evaluate.
+    Evaluate(Vec<StoreId>),
     /// Publish the candidate with this evaluation loss.
     Publish {
         /// Example-weighted mean loss of the candidate.
@@ -222,9 +232,10 @@ pub enum Event {
 }
 
 /// Whether a candidate's loss rises more than `threshold` (relative) above the current
-/// model's: such a candidate is not promoted.
+/// model's, or is not finite: such a candidate is not promoted.
 pub fn regresses(candidate: f64, baseline: f64, threshold: f64) -> bool {
-    candidate > baseline + threshold * baseline.abs()
+    // A loss that is not a number compares false with everything: refuse it outright.
+    !candidate.is_finite() || candidate > baseline + threshold * baseline.abs()
 }
 
 /// One round of training.
@@ -242,6 +253,9 @@ pub struct Round {
     reports: BTreeMap<StoreId, u64>,
     dropped: BTreeSet<StoreId>,
     replaced: bool,
+    /// The held-out stores chosen to evaluate; only their reports count.
+    #[serde(default)]
+    evaluators: BTreeSet<StoreId>,
     evaluations: BTreeMap<StoreId, (u64, f64)>,
     baseline_loss: Option<f64>,
     rejections: BTreeMap<Rejection, u64>,
@@ -272,6 +286,7 @@ impl Round {
             reports: BTreeMap::new(),
             dropped: BTreeSet::new(),
             replaced: false,
+            evaluators: BTreeSet::new(),
             evaluations: BTreeMap::new(),
             baseline_loss,
             rejections: BTreeMap::new(),
@@ -396,16 +411,55 @@ impl Round {
         Ok(())
     }
 
-    /// Records that the strategy produced a candidate; evaluation starts.
+    /// Records that the strategy produced a candidate; evaluation starts on a held-out
+    /// cohort drawn from the `online` stores that were never in the training cohort
+    /// (`min_evaluations` over-selected as training is). With fewer such stores than
+    /// `min_evaluations` the round is abandoned.
     ///
     /// # Errors
     ///
     /// [`Rejection::StaleRound`] or [`Rejection::WrongPhase`] when it does not fit.
-    pub fn handle_aggregated(&mut self, now: Timestamp, round: RoundId) -> Result<(), Rejection> {
+    pub fn handle_aggregated(
+        &mut self,
+        now: Timestamp,
+        round: RoundId,
+        online: &[OnlineStore],
+    ) -> Result<(), Rejection> {
         self.check(round, self.version, Phase::Aggregating)?;
+        let need = self.config.min_evaluations.max(1);
+        let count = ((need as f64) * self.config.over_selection).ceil() as usize;
+        let mut held_out: Vec<&StoreId> = online
+            .iter()
+            .map(|s| &s.id)
+            .filter(|id| !self.selected.contains_key(*id))
+            .collect();
+        held_out.sort();
+        held_out.dedup();
+        if held_out.len() < need {
+            self.abandon(AbandonReason::QuorumNotMet {
+                phase: "evaluating".into(),
+                have: held_out.len(),
+                need,
+            });
+            return Ok(());
+        }
+        // A different stream from selection's, so the draw does not mirror it.
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed ^ 0x6576_616c_0000_0000);
+        held_out.shuffle(&mut rng);
+        self.evaluators = held_out
+            .into_iter()
+            .take(count.max(need))
+            .cloned()
+            .collect();
         self.enter(Phase::Evaluating, now);
-        self.events.push_back(Event::Evaluate);
+        let ids = self.evaluators.iter().cloned().collect();
+        self.events.push_back(Event::Evaluate(ids));
         Ok(())
+    }
+
+    /// The held-out stores chosen to evaluate the candidate.
+    pub fn evaluators(&self) -> impl Iterator<Item = &StoreId> {
+        self.evaluators.iter()
     }
 
     /// Takes a held-out store's evaluation of the candidate; once enough have arrived the
@@ -413,17 +467,26 @@ impl Round {
     ///
     /// # Errors
     ///
-    /// The [`Rejection`] (also counted) when the report does not fit.
+    /// The [`Rejection`] (also counted) when the report does not fit: not for this round,
+    /// version or phase, from a store outside the held-out cohort, a duplicate, or with a
+    /// loss that is not finite or an example count of 0 or above
+    /// [`MAX_EVALUATION_EXAMPLES`].
     pub fn handle_evaluation(
         &mut self,
         now: Timestamp,
         report: &EvaluationReport,
     ) -> Result<(), Rejection> {
         self.check(report.round, report.version, Phase::Evaluating)?;
+        if !self.evaluators.contains(&report.store) {
+            return Err(self.reject(Rejection::NotSelected));
+        }
         if self.evaluations.contains_key(&report.store) {
             return Err(self.reject(Rejection::Duplicate));
         }
-        if !report.loss.is_finite() || report.examples == 0 {
+        if !report.loss.is_finite()
+            || report.examples == 0
+            || report.examples > MAX_EVALUATION_EXAMPLES
+        {
             return Err(self.reject(Rejection::Invalid));
         }
         self.evaluations
@@ -564,9 +627,15 @@ impl Round {
     }
 
     fn judge(&mut self, now: Timestamp) {
-        let examples: u64 = self.evaluations.values().map(|(n, _)| n).sum();
+        // Each count is at most MAX_EVALUATION_EXAMPLES, so the u128 sum cannot overflow;
+        // the weighted sum can still overflow f64 for huge losses, hence the finite check.
+        let examples: u128 = self.evaluations.values().map(|(n, _)| u128::from(*n)).sum();
         let weighted: f64 = self.evaluations.values().map(|(n, l)| *n as f64 * l).sum();
         let loss = weighted / examples as f64;
+        if !loss.is_finite() {
+            self.abandon(AbandonReason::NonFiniteLoss { loss });
+            return;
+        }
         if let Some(baseline) = self.baseline_loss
             && regresses(loss, baseline, self.config.regression_threshold)
         {

@@ -102,6 +102,22 @@ fn charges_leave_the_window_after_thirty_days() {
 }
 
 #[test]
+fn counts_charges_stamped_after_now_when_the_clock_steps_back() {
+    let mut ledger = Ledger::new(LedgerConfig::default());
+    ledger
+        .charge_record(&model(), &store("s1"), RoundId(1), T0, &PLAN, 1070)
+        .unwrap();
+    let at_charge = ledger.status(&model(), &store("s1"), T0).record.spent;
+    assert!(at_charge > 6.0);
+    // The clock steps back an hour: the spend already made must not vanish.
+    let earlier = Timestamp(T0.0 - 3600);
+    assert_eq!(
+        ledger.status(&model(), &store("s1"), earlier).record.spent,
+        at_charge
+    );
+}
+
+#[test]
 fn alarms_at_eighty_percent_and_excludes_at_budget() {
     let one_round = dp_sgd_epsilon(1.0, 64.0 / 1070.0, 192, 1e-5).unwrap();
     let two_rounds = dp_sgd_epsilon(1.0, 64.0 / 1070.0, 384, 1e-5).unwrap();

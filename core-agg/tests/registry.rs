@@ -193,15 +193,88 @@ fn rollback_moves_current_back_to_the_parent() {
         .unwrap();
     assert_eq!(registry.rollback(&model(), None).unwrap(), ModelVersion(0));
     assert_eq!(registry.load_current(&model()).unwrap().1, b"weights-0");
-    // Forward again to an explicit version.
+}
+
+#[test]
+fn rollback_to_an_explicit_version_walks_the_parent_chain() {
+    // v0 <- v1 <- v2, all promoted: --to 0 from v2 skips a generation.
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    for (parent, blob) in [
+        (None, b"weights-0"),
+        (Some(0), b"weights-1"),
+        (Some(1), b"weights-2"),
+    ] {
+        registry
+            .publish(&candidate(parent, blob, 1.0), 0.02, NOW)
+            .unwrap();
+    }
     assert_eq!(
-        registry.rollback(&model(), Some(ModelVersion(1))).unwrap(),
-        ModelVersion(1)
+        registry.rollback(&model(), Some(ModelVersion(0))).unwrap(),
+        ModelVersion(0)
     );
+    assert_eq!(registry.load_current(&model()).unwrap().1, b"weights-0");
+}
+
+#[test]
+fn rollback_refuses_a_later_an_unpromoted_or_a_missing_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    registry
+        .publish(&candidate(None, b"weights-0", 1.0), 0.02, NOW)
+        .unwrap();
+    registry
+        .publish(&candidate(Some(0), b"weights-1", 0.9), 0.02, NOW)
+        .unwrap();
+    // v2 regresses (1.5 against 0.9): recorded, never promoted.
     assert!(matches!(
-        registry.rollback(&model(), Some(ModelVersion(9))),
-        Err(RegistryError::NotFound { .. })
+        registry.publish(&candidate(Some(1), b"weights-2", 1.5), 0.02, NOW),
+        Err(RegistryError::Regressed { .. })
     ));
+    // From v1 neither the unpromoted v2 nor a missing v9 is an ancestor; back at v0, v1
+    // is later.
+    for (to, current) in [(2, 1), (9, 1)] {
+        let refused = registry.rollback(&model(), Some(ModelVersion(to)));
+        assert!(
+            matches!(
+                &refused,
+                Err(RegistryError::NotAnAncestor { version, current: c, .. })
+                    if *version == ModelVersion(to) && *c == ModelVersion(current)
+            ),
+            "--to {to}: {refused:?}"
+        );
+    }
+    registry.rollback(&model(), None).unwrap();
+    assert!(matches!(
+        registry.rollback(&model(), Some(ModelVersion(1))),
+        Err(RegistryError::NotAnAncestor { .. })
+    ));
+    assert_eq!(
+        registry.backend().current(&model()).unwrap(),
+        Some(ModelVersion(0))
+    );
+}
+
+#[test]
+fn publish_refuses_a_metric_that_is_not_finite_before_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let refused = registry.publish(&candidate(None, b"weights-0", value), 0.02, NOW);
+        assert!(
+            matches!(
+                &refused,
+                Err(RegistryError::NonFiniteMetric { metric, .. }) if metric == "loss"
+            ),
+            "{value}: {refused:?}"
+        );
+    }
+    // Nothing was recorded, so the registry still publishes and loads.
+    assert!(registry.backend().versions(&model()).unwrap().is_empty());
+    registry
+        .publish(&candidate(None, b"weights-0", 1.0), 0.02, NOW)
+        .unwrap();
+    assert_eq!(registry.load_current(&model()).unwrap().1, b"weights-0");
 }
 
 #[test]

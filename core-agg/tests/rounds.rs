@@ -46,11 +46,16 @@ fn events(round: &mut Round) -> Vec<Event> {
 
 /// A round with 10 stores in each of 3 regions, selected at T0: target 3, 4 selected.
 fn selected_round(config: RoundConfig) -> (Round, Vec<OnlineStore>) {
+    selected_round_from(config, Some(1.0))
+}
+
+/// As [`selected_round`], with the current model's loss `baseline`.
+fn selected_round_from(config: RoundConfig, baseline: Option<f64>) -> (Round, Vec<OnlineStore>) {
     let online: Vec<_> = ["east", "west", "north"]
         .iter()
         .flat_map(|r| stores(r, 10))
         .collect();
-    let mut round = Round::plan(ROUND, VERSION, config, 42, Some(1.0), T0);
+    let mut round = Round::plan(ROUND, VERSION, config, 42, baseline, T0);
     round.poll(T0, &online, &no_exclusion);
     assert_eq!(round.phase(), &Phase::Collecting);
     (round, online)
@@ -221,7 +226,7 @@ fn silent_stores_are_replaced_after_the_soft_deadline() {
 
 #[test]
 fn a_full_round_commits_the_published_version() {
-    let (mut round, _) = selected_round(RoundConfig::default());
+    let (mut round, online) = selected_round(RoundConfig::default());
     let cohort: Vec<_> = round.selected().cloned().collect();
     events(&mut round);
     for store in &cohort[..3] {
@@ -233,11 +238,12 @@ fn a_full_round_commits_the_published_version() {
     );
     assert_eq!(round.dropped(), vec![cohort[3].clone()]);
     round.handle_unmasked(at(30), ROUND, Ok(())).unwrap();
-    round.handle_aggregated(at(31), ROUND).unwrap();
+    round.handle_aggregated(at(31), ROUND, &online).unwrap();
+    let evaluators: Vec<_> = round.evaluators().cloned().collect();
     let evaluation = EvaluationReport {
         round: ROUND,
         version: VERSION,
-        store: StoreId("holdout".into()),
+        store: evaluators[0].clone(),
         examples: 50,
         loss: 0.9,
     };
@@ -246,7 +252,7 @@ fn a_full_round_commits_the_published_version() {
     assert_eq!(
         events(&mut round),
         vec![
-            Event::Evaluate,
+            Event::Evaluate(evaluators),
             Event::Publish { loss: 0.9 },
             Event::Ended(Outcome::Committed(ModelVersion(4)))
         ]
@@ -256,17 +262,18 @@ fn a_full_round_commits_the_published_version() {
 #[test]
 fn a_regressed_candidate_is_not_published() {
     // Baseline loss 1.0, threshold 2%: a candidate at 1.1 stops the round.
-    let (mut round, _) = selected_round(RoundConfig::default());
+    let (mut round, online) = selected_round(RoundConfig::default());
     let cohort: Vec<_> = round.selected().cloned().collect();
     for store in &cohort[..3] {
         round.handle_report(at(20), &report(store)).unwrap();
     }
     round.handle_unmasked(at(30), ROUND, Ok(())).unwrap();
-    round.handle_aggregated(at(31), ROUND).unwrap();
+    round.handle_aggregated(at(31), ROUND, &online).unwrap();
+    let evaluators: Vec<_> = round.evaluators().cloned().collect();
     let evaluation = EvaluationReport {
         round: ROUND,
         version: VERSION,
-        store: StoreId("holdout".into()),
+        store: evaluators[0].clone(),
         examples: 50,
         loss: 1.1,
     };
@@ -319,4 +326,137 @@ fn a_round_survives_a_restart_mid_collection() {
     assert_eq!(restarted.phase(), &Phase::Unmasking);
     restarted.poll(at(23), &online, &no_exclusion);
     assert_eq!(restarted.survivors().len(), 3);
+}
+
+/// A round in evaluation: 3 reports in, aggregated, held-out cohort chosen from `online`.
+fn evaluating_round(config: RoundConfig) -> (Round, Vec<StoreId>) {
+    evaluating_round_from(config, Some(1.0))
+}
+
+/// As [`evaluating_round`], with the current model's loss `baseline`.
+fn evaluating_round_from(config: RoundConfig, baseline: Option<f64>) -> (Round, Vec<StoreId>) {
+    let (mut round, online) = selected_round_from(config, baseline);
+    let cohort: Vec<_> = round.selected().cloned().collect();
+    for store in &cohort[..3] {
+        round.handle_report(at(20), &report(store)).unwrap();
+    }
+    round.handle_unmasked(at(30), ROUND, Ok(())).unwrap();
+    round.handle_aggregated(at(31), ROUND, &online).unwrap();
+    let evaluators: Vec<_> = round.evaluators().cloned().collect();
+    (round, evaluators)
+}
+
+fn evaluation(store: &StoreId, examples: u64, loss: f64) -> EvaluationReport {
+    EvaluationReport {
+        round: ROUND,
+        version: VERSION,
+        store: store.clone(),
+        examples,
+        loss,
+    }
+}
+
+#[test]
+fn evaluation_is_held_out_from_the_training_cohort() {
+    let (round, evaluators) = evaluating_round(RoundConfig::default());
+    // min_evaluations 1 over-selected by 1.3 gives ceil(1.3) = 2 evaluators.
+    assert_eq!(evaluators.len(), 2);
+    let cohort: Vec<_> = round.selected().collect();
+    assert!(evaluators.iter().all(|e| !cohort.contains(&e)));
+}
+
+#[test]
+fn rejects_evaluation_from_a_store_outside_the_held_out_cohort() {
+    let (mut round, evaluators) = evaluating_round(RoundConfig::default());
+    let trainer = round.selected().next().cloned().unwrap();
+    let stranger = StoreId("not-online".into());
+    for store in [&trainer, &stranger] {
+        assert_eq!(
+            round.handle_evaluation(at(40), &evaluation(store, 50, 0.5)),
+            Err(Rejection::NotSelected)
+        );
+    }
+    assert_eq!(round.rejections().get(&Rejection::NotSelected), Some(&2));
+    assert_eq!(round.phase(), &Phase::Evaluating);
+    // The chosen evaluator is still heard.
+    round
+        .handle_evaluation(at(41), &evaluation(&evaluators[0], 50, 0.9))
+        .unwrap();
+    assert!(matches!(round.phase(), Phase::Publishing));
+}
+
+#[test]
+fn rejects_evaluation_with_an_absurd_example_count() {
+    // u64::MAX examples at loss -1e300 would weigh to -inf and publish.
+    let (mut round, evaluators) = evaluating_round(RoundConfig::default());
+    assert_eq!(
+        round.handle_evaluation(at(40), &evaluation(&evaluators[0], u64::MAX, -1e300)),
+        Err(Rejection::Invalid)
+    );
+    assert_eq!(
+        round.handle_evaluation(at(40), &evaluation(&evaluators[0], 0, 0.5)),
+        Err(Rejection::Invalid)
+    );
+    assert_eq!(round.phase(), &Phase::Evaluating);
+}
+
+#[test]
+fn large_example_counts_sum_without_overflow() {
+    // Two reports of 2^40 examples each: the sum 2^41 is exact, and the weighted mean of
+    // losses 0.5 and 0.7 with equal weights is 0.6 (hand computation).
+    let config = RoundConfig {
+        min_evaluations: 2,
+        ..RoundConfig::default()
+    };
+    let (mut round, evaluators) = evaluating_round(config);
+    let big = fedmesh_core_agg::rounds::MAX_EVALUATION_EXAMPLES;
+    round
+        .handle_evaluation(at(40), &evaluation(&evaluators[0], big, 0.5))
+        .unwrap();
+    round
+        .handle_evaluation(at(41), &evaluation(&evaluators[1], big, 0.7))
+        .unwrap();
+    let published = events(&mut round).into_iter().find_map(|e| match e {
+        Event::Publish { loss } => Some(loss),
+        _ => None,
+    });
+    let loss = published.expect("publishes");
+    assert!((loss - 0.6).abs() < 1e-12, "loss {loss}");
+}
+
+#[test]
+fn a_candidate_whose_loss_is_not_finite_is_not_published() {
+    // Losses of 1e308 on 2^40 examples each overflow the f64 weighted sum to +inf; no
+    // baseline, so only the finite check can stop it.
+    let config = RoundConfig {
+        min_evaluations: 2,
+        ..RoundConfig::default()
+    };
+    let (mut round, evaluators) = evaluating_round_from(config, None);
+    let big = fedmesh_core_agg::rounds::MAX_EVALUATION_EXAMPLES;
+    for (i, store) in evaluators.iter().take(2).enumerate() {
+        round
+            .handle_evaluation(at(40 + i as u64), &evaluation(store, big, 1e308))
+            .unwrap();
+    }
+    assert!(matches!(
+        round.phase(),
+        Phase::Ended(Outcome::Abandoned(AbandonReason::NonFiniteLoss { .. }))
+    ));
+    assert!(
+        !events(&mut round)
+            .iter()
+            .any(|e| matches!(e, Event::Publish { .. }))
+    );
+}
+
+#[test]
+fn a_candidate_with_a_nan_loss_counts_as_a_regression() {
+    assert!(fedmesh_core_agg::rounds::regresses(f64::NAN, 1.0, 0.02));
+    assert!(fedmesh_core_agg::rounds::regresses(
+        f64::INFINITY,
+        1.0,
+        0.02
+    ));
+    assert!(!fedmesh_core_agg::rounds::regresses(1.01, 1.0, 0.02));
 }

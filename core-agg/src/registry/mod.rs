@@ -110,6 +110,24 @@ pub enum RegistryError {
     /// There is no earlier version to roll back to.
     #[error("{0} has no parent to roll back to")]
     NoParent(ModelId),
+    /// A metric is not a finite number; JSON cannot carry it, so it is never signed.
+    #[error("metric {metric:?} is {value}, not a finite number")]
+    NonFiniteMetric {
+        /// The metric's name.
+        metric: String,
+        /// Its value.
+        value: f64,
+    },
+    /// A rollback target is not an ancestor of the current version.
+    #[error("{model} {version} is not on the parent chain of current {current}")]
+    NotAnAncestor {
+        /// The model.
+        model: ModelId,
+        /// The version asked for.
+        version: ModelVersion,
+        /// The current version.
+        current: ModelVersion,
+    },
 }
 
 /// The DP guarantee a version was trained under.
@@ -276,9 +294,10 @@ impl<B: Backend> Registry<B> {
     ///
     /// # Errors
     ///
-    /// [`RegistryError::Regressed`] when the version was recorded but not promoted,
-    /// [`RegistryError::Conflict`] when the current pointer is no longer `parent`, and
-    /// storage errors.
+    /// [`RegistryError::NonFiniteMetric`] before anything is stored when a metric is NaN
+    /// or infinite, [`RegistryError::Regressed`] when the version was recorded but not
+    /// promoted, [`RegistryError::Conflict`] when the current pointer is no longer
+    /// `parent`, and storage errors.
     pub fn publish(
         &self,
         candidate: &Candidate,
@@ -289,6 +308,14 @@ impl<B: Backend> Registry<B> {
             return Err(RegistryError::Storage("registry opened read-only".into()));
         };
         check_model_id(&candidate.model)?;
+        // serde_json writes NaN and infinities as null, which would sign a manifest that
+        // never parses back.
+        if let Some((metric, &value)) = candidate.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(RegistryError::NonFiniteMetric {
+                metric: metric.clone(),
+                value,
+            });
+        }
         let model = &candidate.model;
         let current = self.backend.current(model)?;
         if current != candidate.parent {
@@ -462,13 +489,15 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Moves the current pointer back to `to`, or to the current version's parent, after
-    /// checking that version loads (signature, digest and size). Returns the version now
-    /// current.
+    /// checking that version loads (signature, digest and size). `to` must be an ancestor
+    /// of the current version, so a rollback never jumps forward or onto a version that
+    /// was recorded but never promoted. Returns the version now current.
     ///
     /// # Errors
     ///
     /// [`RegistryError::NoCurrent`] or [`RegistryError::NoParent`] when there is nothing
-    /// to go back to, the errors of [`Self::load`] for the target, and
+    /// to go back to, [`RegistryError::NotAnAncestor`] when `to` is not on the current
+    /// version's parent chain, the errors of [`Self::load`] for the target, and
     /// [`RegistryError::Conflict`] if the pointer moved meanwhile.
     pub fn rollback(
         &self,
@@ -479,17 +508,48 @@ impl<B: Backend> Registry<B> {
         let Some(current) = self.backend.current(model)? else {
             return Err(RegistryError::NoCurrent(model.clone()));
         };
+        let parent = self.load_manifest(model, current)?.parent;
         let target = match to {
-            Some(version) => version,
-            None => self
-                .load_manifest(model, current)?
-                .parent
-                .ok_or_else(|| RegistryError::NoParent(model.clone()))?,
+            Some(version) => {
+                self.check_ancestor(model, current, parent, version)?;
+                version
+            }
+            None => parent.ok_or_else(|| RegistryError::NoParent(model.clone()))?,
         };
         self.load(model, target)?;
         self.move_current(model, Some(current), target)?;
         tracing::info!(model.id = %model, from = %current, to = %target, "model rolled back");
         Ok(target)
+    }
+
+    /// Walks the parent chain back from `current` (whose parent is `parent`) looking for
+    /// `version`; every manifest on the way is verified.
+    fn check_ancestor(
+        &self,
+        model: &ModelId,
+        current: ModelVersion,
+        mut parent: Option<ModelVersion>,
+        version: ModelVersion,
+    ) -> Result<(), RegistryError> {
+        let not_ancestor = || RegistryError::NotAnAncestor {
+            model: model.clone(),
+            version,
+            current,
+        };
+        // Parents are earlier versions, so each step must go down: that bounds the walk even
+        // over manifests signed with a loop in them, and it stops once past `version`.
+        let mut below = current;
+        while let Some(step) = parent {
+            if step == version {
+                return Ok(());
+            }
+            if step.0 >= below.0 || step.0 < version.0 {
+                return Err(not_ancestor());
+            }
+            below = step;
+            parent = self.load_manifest(model, step)?.parent;
+        }
+        Err(not_ancestor())
     }
 
     fn move_current(
