@@ -64,14 +64,17 @@ pub fn redact_card_numbers(text: &str) -> (std::borrow::Cow<'_, str>, usize) {
 /// longest span of 13-19 digits that passes the Luhn check is taken.
 fn card_spans(bytes: &[u8], start: usize, end: usize) -> Vec<(usize, usize)> {
     let mut groups = Vec::new();
-    let mut g = start;
-    for i in start..=end {
-        if i == end || !bytes[i].is_ascii_digit() {
-            if g < i {
-                groups.push((g, i));
-            }
-            g = i + 1;
+    let mut i = start;
+    while i < end {
+        let from = i;
+        while i < end && bytes[i].is_ascii_digit() {
+            i += 1;
         }
+        if from < i {
+            groups.push((from, i));
+        }
+        // Skip the single separator between groups.
+        i += 1;
     }
 
     let mut spans = Vec::new();
