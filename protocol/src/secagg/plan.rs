@@ -267,7 +267,13 @@ impl SecAggPlan {
                 "noise_stddev must be finite, >= 0",
             ));
         }
-        let ring_bits = config.quant_bits + ceil_log2(n) + config.guard_bits;
+        // The widths come from a deserialised plan: a sum past u32 is a ring too wide, not
+        // a panic.
+        let ring_bits = config
+            .quant_bits
+            .checked_add(ceil_log2(n))
+            .and_then(|bits| bits.checked_add(config.guard_bits))
+            .ok_or(PlanError::RingTooWide(u32::MAX))?;
         if ring_bits > MAX_RING_BITS {
             return Err(PlanError::RingTooWide(ring_bits));
         }
@@ -572,6 +578,30 @@ mod tests {
         assert_eq!(
             [1, 2, 3, 4, 5, 200].map(ceil_log2),
             [0, 1, 2, 2, 3, 8] // 2^8 = 256 is the first power >= 200
+        );
+    }
+
+    #[test]
+    fn refuses_guard_bits_that_overflow_the_ring_width() {
+        // 8 + ceil(log2 3) + (u32::MAX - 5) = u32::MAX + 5: past u32, so too wide.
+        let config = PlanConfig {
+            round: RoundId(1),
+            seed: [7; 32],
+            cohort: (0..3).map(|i| StoreId(format!("store-{i}"))).collect(),
+            masking: Masking::Secure,
+            degree: 2,
+            threshold: 2,
+            min_survivors: 2,
+            dimension: 4,
+            kept: None,
+            quant_bits: 8,
+            clip: 1.0,
+            guard_bits: 4_294_967_290,
+            noise_stddev: 0.0,
+        };
+        assert_eq!(
+            SecAggPlan::new(config).err(),
+            Some(PlanError::RingTooWide(u32::MAX))
         );
     }
 
