@@ -251,3 +251,151 @@ async fn receiver_refuses_chunk_that_does_not_match_its_digest() -> Result<()> {
     assert!(same_contents(&received, &file)?);
     Ok(())
 }
+
+/// Announces `file`'s manifest in `chunk` pieces as `client`; the answer's status.
+async fn announce(
+    client: &Client,
+    file: &std::path::Path,
+    chunk: u64,
+) -> Result<(fedmesh_transport::transfer::ObjectDigest, StatusCode)> {
+    let bytes = std::fs::read(file)?;
+    let (digest, _) = fedmesh_transport::transfer::manifest_of_file(file, chunk)?;
+    let mut digests = Vec::new();
+    for piece in bytes.chunks(chunk as usize) {
+        digests.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, piece).as_ref());
+    }
+    let mut headers = http::HeaderMap::new();
+    headers.insert("fedmesh-object-size", (bytes.len() as u64).into());
+    headers.insert("fedmesh-chunk-size", chunk.into());
+    let path = format!("/objects/{digest}/manifest");
+    let body = fedmesh_transport::SendBody::from_bytes(digests);
+    let response = client
+        .request(http::Method::PUT, &path, headers, body)
+        .await?;
+    Ok((digest, response.status()))
+}
+
+/// Sends the first `count` chunks of `file` as `client`; the answer's status.
+async fn send_chunks(
+    client: &Client,
+    file: &std::path::Path,
+    digest: &fedmesh_transport::transfer::ObjectDigest,
+    count: u64,
+) -> Result<StatusCode> {
+    let bytes = std::fs::read(file)?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("fedmesh-first-chunk", 0u64.into());
+    let path = format!("/objects/{digest}/chunks");
+    let body = bytes[..(count * CHUNK) as usize].to_vec();
+    let body = fedmesh_transport::SendBody::from_bytes(body);
+    let response = client
+        .request(http::Method::PUT, &path, headers, body)
+        .await?;
+    Ok(response.status())
+}
+
+#[tokio::test]
+async fn status_request_leaves_a_chunk_being_written_in_place() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let root = lab.path("received");
+    let store = ObjectStore::open(&root, 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 2 * CHUNK, 11)?;
+    let (digest, status) = announce(&client, &file, CHUNK).await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // 1. The staging file as it is while chunk 1 is half written: chunk 0 and 1000 bytes.
+    let bytes = std::fs::read(&file)?;
+    let part = root.join("staging").join(format!("{digest}.part"));
+    std::fs::write(&part, &bytes[..CHUNK as usize + 1000])?;
+
+    // 2. A retrying sender asks for the status: one chunk acknowledged, nothing cut.
+    let status = client.object_status(&digest).await?.context("status")?;
+    assert_eq!((status.received_chunks, status.total_chunks), (1, 2));
+    assert_eq!(std::fs::metadata(&part)?.len(), CHUNK + 1000);
+
+    // 3. The upload resumes after chunk 0 and completes.
+    let report = client.put_object(&file).await?;
+    assert_eq!(report.resumed_from, vec![1]);
+    let received = store.object_path(&digest).context("object stored")?;
+    assert!(same_contents(&received, &file)?);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sender_refuses_status_with_more_chunks_than_the_object() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    // A receiver that claims u64::MAX chunks of an upload with the sender's sizes.
+    let router = fedmesh_transport::Router::new().route(
+        http::Method::GET,
+        "/objects/{digest}",
+        |request: fedmesh_transport::Request| async move {
+            let status = fedmesh_transport::transfer::ObjectStatus {
+                digest: request.param("digest").unwrap_or_default().to_owned(),
+                size: 2 * CHUNK,
+                chunk_size: CHUNK,
+                received_chunks: u64::MAX,
+                total_chunks: 2,
+                complete: false,
+            };
+            fedmesh_transport::Response::json(StatusCode::OK, &status)
+        },
+    );
+    let server = start_server(lab.source("core", "/core")?, router).await?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    let client = Client::new(config, lab.source("store", "/store/emea/0042")?)?;
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 2 * CHUNK, 12)?;
+
+    match client.put_object(&file).await {
+        Err(ClientError::Malformed(message)) => {
+            assert!(message.contains("received_chunks"), "{message}");
+        }
+        other => panic!("expected a malformed-reply error, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn another_peer_cannot_reset_an_upload_in_progress() -> Result<()> {
+    let lab = Lab::new("fl.example")?;
+    let store = ObjectStore::open(&lab.path("received"), 1 << 30)?;
+    let server = start_server(lab.source("core", "/core")?, router(Some(&store))).await?;
+    let mut config = common::client_config(&server);
+    config.chunk_size = CHUNK;
+    let owner = Client::new(config.clone(), lab.source("store", "/store/emea/0042")?)?;
+    let other = Client::new(config, lab.source("store2", "/store/emea/0043")?)?;
+    let file = lab.path("update.bin");
+    write_pattern_file(&file, 3 * CHUNK, 13)?;
+
+    // 1. The owner announces the object and sends one chunk of three.
+    let (digest, status) = announce(&owner, &file, CHUNK).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        send_chunks(&owner, &file, &digest, 1).await?,
+        StatusCode::OK
+    );
+
+    // 2. Another peer's manifest (a different chunk size) and chunks are refused.
+    let (_, status) = announce(&other, &file, 2 * CHUNK).await?;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        send_chunks(&other, &file, &digest, 1).await?,
+        StatusCode::CONFLICT
+    );
+
+    // 3. The owner's progress survived: it resumes after chunk 0.
+    let report = owner.put_object(&file).await?;
+    assert_eq!(report.resumed_from, vec![1]);
+    assert_eq!(store.stats().chunks_written, 3);
+
+    // 4. A complete object is idempotent for every peer.
+    let again = other.put_object(&file).await?;
+    assert!(again.already_present);
+    Ok(())
+}

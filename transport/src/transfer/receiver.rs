@@ -52,10 +52,35 @@ pub struct ObjectStore {
 /// Per-object write coordination. A new upload of the same object takes over from an old
 /// one whose connection died but whose handler has not noticed yet: it bumps the
 /// generation, and the old handler stops at its next chunk.
+///
+/// The slot also records the SPIFFE ID of the peer whose upload is in progress, so that
+/// another peer cannot reset or take over that upload; it lives in memory only, and the
+/// first peer to touch the object after a receiver restart claims it.
 #[derive(Default)]
 struct Slot {
     lock: tokio::sync::Mutex<()>,
     generation: AtomicU64,
+    owner: Mutex<Option<String>>,
+}
+
+impl Slot {
+    /// Claims the upload for `peer`; `false` if another peer holds it.
+    fn claim(&self, peer: &str) -> bool {
+        let mut owner = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        match owner.as_deref() {
+            Some(current) if current != peer => false,
+            Some(_) => true,
+            None => {
+                *owner = Some(peer.to_owned());
+                true
+            }
+        }
+    }
+
+    /// Hands the upload to `peer`, for a peer that may start it over.
+    fn hand_to(&self, peer: &str) {
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer.to_owned());
+    }
 }
 
 impl ObjectStore {
@@ -178,20 +203,23 @@ impl ObjectStore {
         let Some(manifest) = self.read_manifest(digest).await? else {
             return Ok(None);
         };
-        let received = self.staged_chunks(digest, &manifest).await?;
+        // Read only: a chunk may be half written under the slot's lock right now, so the
+        // tail is trimmed only by the locked paths.
+        let (received, _) = self.acknowledged_chunks(digest, &manifest).await?;
         Ok(Some(staged_status(digest, &manifest, received)))
     }
 
-    /// Chunks acknowledged so far, from the staging file's length; trims a torn tail.
-    async fn staged_chunks(
+    /// Chunks acknowledged so far, from the staging file's length, and whether the file
+    /// has a torn tail past them. Changes nothing.
+    async fn acknowledged_chunks(
         &self,
         digest: &ObjectDigest,
         manifest: &Manifest,
-    ) -> Result<u64, TransferError> {
+    ) -> Result<(u64, bool), TransferError> {
         let path = self.staging_path(digest, "part");
         let len = match tokio::fs::metadata(&path).await {
             Ok(meta) => meta.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, false)),
             Err(source) => return Err(TransferError::Io { path, source }),
         };
         let total = manifest.chunks.len() as u64;
@@ -200,14 +228,24 @@ impl ObjectStore {
         } else {
             len / manifest.chunk_size
         };
-        let acknowledged_len = (received * manifest.chunk_size).min(manifest.size);
-        if len != acknowledged_len {
+        Ok((received, len != acknowledged_len(manifest, received)))
+    }
+
+    /// Chunks acknowledged so far; trims a torn tail. Only with the slot's lock held.
+    async fn staged_chunks(
+        &self,
+        digest: &ObjectDigest,
+        manifest: &Manifest,
+    ) -> Result<u64, TransferError> {
+        let (received, torn) = self.acknowledged_chunks(digest, manifest).await?;
+        if torn {
+            let path = self.staging_path(digest, "part");
             let file = tokio::fs::OpenOptions::new().write(true).open(&path).await;
             let file = file.map_err(|source| TransferError::Io {
                 path: path.clone(),
                 source,
             })?;
-            file.set_len(acknowledged_len)
+            file.set_len(acknowledged_len(manifest, received))
                 .await
                 .map_err(|source| TransferError::Io {
                     path: path.clone(),
@@ -281,12 +319,22 @@ impl ObjectStore {
             );
         };
 
-        // 3. Keep progress for the same manifest; a different one starts over.
+        // 3. Keep progress for the same manifest; a different one starts over. Only the peer
+        //    whose upload is in progress may touch it.
         let slot = self.slot(digest);
         let _guard = slot.lock.lock().await;
-        match self.read_manifest(&digest).await {
-            Ok(Some(existing)) if existing == manifest => {}
-            Ok(_) => {
+        let peer = request.peer().spiffe_id().to_string();
+        let existing = match self.read_manifest(&digest).await {
+            Ok(existing) => existing,
+            Err(error) => return internal(&error),
+        };
+        if existing.is_some() && !slot.claim(&peer) {
+            return upload_taken(&digest, &peer);
+        }
+        slot.hand_to(&peer);
+        match existing {
+            Some(existing) if existing == manifest => {}
+            _ => {
                 let part = self.staging_path(&digest, "part");
                 let _ = tokio::fs::remove_file(&part).await;
                 let path = self.staging_path(&digest, "manifest");
@@ -294,7 +342,6 @@ impl ObjectStore {
                     return internal(&TransferError::Io { path, source });
                 }
             }
-            Err(error) => return internal(&error),
         }
         match self.staged_chunks(&digest, &manifest).await {
             Ok(received) => {
@@ -330,6 +377,10 @@ impl ObjectStore {
 
         // 1. Take over the object and find where the staging file ends.
         let slot = self.slot(digest);
+        let peer = request.peer().spiffe_id().to_string();
+        if !slot.claim(&peer) {
+            return upload_taken(&digest, &peer);
+        }
         let generation = slot.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let received = {
             let _guard = slot.lock.lock().await;
@@ -524,6 +575,13 @@ impl fmt::Debug for ObjectStore {
     }
 }
 
+/// Bytes of the staging file that `received` acknowledged chunks fill.
+fn acknowledged_len(manifest: &Manifest, received: u64) -> u64 {
+    received
+        .saturating_mul(manifest.chunk_size)
+        .min(manifest.size)
+}
+
 fn staged_status(digest: &ObjectDigest, manifest: &Manifest, received: u64) -> ObjectStatus {
     ObjectStatus {
         digest: digest.to_string(),
@@ -533,6 +591,15 @@ fn staged_status(digest: &ObjectDigest, manifest: &Manifest, received: u64) -> O
         total_chunks: manifest.chunks.len() as u64,
         complete: false,
     }
+}
+
+/// The 409 answer to a peer that would disturb another peer's upload in progress.
+fn upload_taken(digest: &ObjectDigest, peer: &str) -> Response {
+    debug!(peer.id = peer, object.digest = %digest, "upload refused: another peer's in progress");
+    Response::text(
+        StatusCode::CONFLICT,
+        format!("another peer is uploading {digest}"),
+    )
 }
 
 /// The `{digest}` path parameter, or the 400 answer to send (boxed: it is the rare path).

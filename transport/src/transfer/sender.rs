@@ -131,9 +131,19 @@ impl Client {
             return Ok(true);
         }
 
+        // The receiver's numbers are input: a count past the manifest is a malformed reply,
+        // refused before it becomes a file offset.
+        let total = manifest.chunks.len() as u64;
         let first = status.received_chunks;
+        if first > total {
+            return Err(ClientError::Malformed(format!(
+                "object status: received_chunks {first} exceeds the {total} chunks of {digest}"
+            )));
+        }
+        let offset = first
+            .checked_mul(manifest.chunk_size)
+            .map_or(manifest.size, |offset| offset.min(manifest.size));
         report.resumed_from.push(first);
-        let offset = (first * manifest.chunk_size).min(manifest.size);
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|source| ClientError::File {
