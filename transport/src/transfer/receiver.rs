@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use http::{HeaderMap, Method, StatusCode};
 use ring::digest::SHA256;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, info};
 
 use super::{
@@ -351,7 +351,7 @@ impl ObjectStore {
         }
     }
 
-    async fn handle_chunks(&self, mut request: Request) -> Response {
+    async fn handle_chunks(self: Arc<Self>, mut request: Request) -> Response {
         let digest = match digest_param(&request) {
             Ok(digest) => digest,
             Err(response) => return *response,
@@ -421,7 +421,7 @@ impl ObjectStore {
 
     #[allow(clippy::too_many_arguments)] // The upload's state, threaded through one loop.
     async fn receive_chunks(
-        &self,
+        self: &Arc<Self>,
         request: &mut Request,
         digest: &ObjectDigest,
         manifest: &Manifest,
@@ -437,12 +437,13 @@ impl ObjectStore {
             .truncate(false)
             .open(&path)
             .await;
-        let mut file = file.map_err(|source| {
+        let file = file.map_err(|source| {
             internal(&TransferError::Io {
                 path: path.clone(),
                 source,
             })
         })?;
+        let file = Arc::new(file.into_std().await);
         let total = manifest.chunks.len() as u64;
         let mut index = first;
         let mut buffer = BytesMut::new();
@@ -481,18 +482,30 @@ impl ObjectStore {
                         "a newer upload took over",
                     ));
                 }
-                write_chunk(&mut file, index * manifest.chunk_size, &chunk)
+                // The write and its count run to completion together even if this handler
+                // is cancelled (a dropped connection, a server shutting down): a chunk on
+                // disk is an acknowledged chunk, and the count must say so.
+                let write = tokio::task::spawn_blocking({
+                    let (store, file) = (Arc::clone(self), Arc::clone(&file));
+                    let offset = index * manifest.chunk_size;
+                    move || -> io::Result<()> {
+                        file.write_all_at(&chunk, offset)?;
+                        store.chunks_written.fetch_add(1, Ordering::Relaxed);
+                        store.progress.send_modify(|count| *count += 1);
+                        Ok(())
+                    }
+                });
+                let written = write
                     .await
-                    .map_err(|source| {
-                        internal(&TransferError::Io {
-                            path: path.clone(),
-                            source,
-                        })
-                    })?;
+                    .unwrap_or_else(|join| Err(io::Error::other(join)));
+                written.map_err(|source| {
+                    internal(&TransferError::Io {
+                        path: path.clone(),
+                        source,
+                    })
+                })?;
                 received = index + 1;
                 index += 1;
-                self.chunks_written.fetch_add(1, Ordering::Relaxed);
-                self.progress.send_modify(|count| *count += 1);
             }
             if index == total && !buffer.is_empty() {
                 return Err(Response::text(
@@ -626,12 +639,6 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Result<u64, Box<Response>> {
 fn internal(error: &TransferError) -> Response {
     tracing::warn!(%error, "transfer failed on the receiver");
     Response::text(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
-}
-
-async fn write_chunk(file: &mut tokio::fs::File, offset: u64, chunk: &[u8]) -> io::Result<()> {
-    file.seek(io::SeekFrom::Start(offset)).await?;
-    file.write_all(chunk).await?;
-    file.flush().await
 }
 
 async fn write_file(path: &Path, contents: &[u8]) -> io::Result<()> {
