@@ -64,7 +64,11 @@ impl PolicyStore {
     /// [`LoadError`] when there is no good policy to start with.
     pub fn open(location: PolicyLocation, entrypoint: &str) -> Result<Self, LoadError> {
         let policy = load(&location, entrypoint)?;
-        tracing::info!(policy.revision = policy.revision(), policy.path = %location.path().display(), "policy loaded");
+        tracing::info!(
+            policy.revision = policy.revision(),
+            policy.path = %location.path().display(),
+            "policy loaded",
+        );
         Ok(Self {
             location,
             entrypoint: entrypoint.to_string(),

@@ -325,7 +325,11 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), QueueEr
 fn quarantine(path: &Path, reason: &str) -> Result<(), QueueError> {
     let mut aside = path.as_os_str().to_owned();
     aside.push(".corrupt");
-    tracing::warn!(queue.file = %path.display(), queue.reason = reason, "quarantining a damaged queue file");
+    tracing::warn!(
+        queue.file = %path.display(),
+        queue.reason = reason,
+        "quarantining a damaged queue file",
+    );
     fs::rename(path, &aside).map_err(io_at(path))
 }
 

@@ -418,7 +418,11 @@ impl Client {
                 // TCP would check the same identities: a refusal is final.
                 Err(error @ ClientError::Refused(_)) => return Err(error),
                 Err(error) => {
-                    info!(server.addr = %inner.config.quic_addr, %error, "quic failed; falling back to http/2 over tcp");
+                    info!(
+                        server.addr = %inner.config.quic_addr,
+                        %error,
+                        "quic failed; falling back to http/2 over tcp",
+                    );
                     state.fell_back_at = Some(Instant::now());
                     quic_error = Some(error);
                 }

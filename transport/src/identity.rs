@@ -454,7 +454,10 @@ impl FileSvidSource {
                 ticker.tick().await;
                 let Some(source) = weak.upgrade() else { return };
                 if let Err(error) = source.reload() {
-                    tracing::warn!(%error, "svid files changed but cannot be loaded; keeping the old svid");
+                    tracing::warn!(
+                        %error,
+                        "svid files changed but cannot be loaded; keeping the old svid",
+                    );
                 }
             }
         })

@@ -91,7 +91,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn delay_never_exceeds_ceiling(seed in any::<u64>(), retry in 0u32..200, base in 1u64..5000) {
+        fn delay_never_exceeds_ceiling(
+            seed in any::<u64>(),
+            retry in 0u32..200,
+            base in 1u64..5000,
+        ) {
             let policy = RetryPolicy {
                 base: Duration::from_millis(base),
                 cap: Duration::from_secs(30),

@@ -465,12 +465,14 @@ async fn serve_quic(incoming: quinn::Incoming, shared: Arc<Shared>) {
         tokio::select! {
             () = &mut expiry => {
                 info!(peer.id = %peer.identity, "closing connection: peer certificate expired");
-                conn.close(quinn::VarInt::from_u32(CLOSE_PEER_EXPIRED), b"peer certificate expired");
+                let code = quinn::VarInt::from_u32(CLOSE_PEER_EXPIRED);
+                conn.close(code, b"peer certificate expired");
                 return;
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    requests.spawn(serve_h3_request(resolver, Arc::clone(&peer), Arc::clone(&shared)));
+                    let (peer, shared) = (Arc::clone(&peer), Arc::clone(&shared));
+                    requests.spawn(serve_h3_request(resolver, peer, shared));
                 }
                 Ok(None) => break,
                 Err(error) => {

@@ -6,8 +6,8 @@
 //!
 //! What setup owns:
 //! - the Debian packages the build and the tests need (installed with apt-get when missing);
-//! - the project venv (`.venv`, or `FEDMESH_VENV`) holding the PyPI torch wheel, whose libtorch the `tch`
-//!   crate links against, and the Python reference scripts' needs;
+//! - the project venv (`.venv`, or `FEDMESH_VENV`) holding the PyPI torch wheel, whose libtorch
+//!   the `tch` crate links against, and the Python reference scripts' needs;
 //! - the environment every cargo and binary invocation gets: `LIBTORCH_USE_PYTORCH`, the
 //!   venv on `PATH`, and libtorch's directory on `LD_LIBRARY_PATH`.
 

@@ -107,7 +107,11 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
         #[test]
-        fn graph_is_symmetric_and_regular(n in 2usize..300, half in 1usize..12, seed in any::<[u8; 32]>()) {
+        fn graph_is_symmetric_and_regular(
+            n in 2usize..300,
+            half in 1usize..12,
+            seed in any::<[u8; 32]>(),
+        ) {
             let degree = 2 * half;
             let g = NeighbourGraph::new(&seed, n, degree);
             let expected = degree.min(n - 1);

@@ -376,7 +376,9 @@ mod tests {
         }
 
         #[test]
-        fn share_bytes_round_trip_and_reject_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn share_bytes_round_trip_and_reject_garbage(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
             if let Ok(s) = Share::from_bytes(&bytes) {
                 prop_assert_eq!(s.to_bytes().to_vec(), bytes);
             }

@@ -282,7 +282,11 @@ impl ObjectStore {
 
         // 1. The limit, before reading anything more.
         if size > self.max_object_size {
-            info!(peer.id = %request.peer(), object.size = size, "object refused: over the size limit");
+            info!(
+                peer.id = %request.peer(),
+                object.size = size,
+                "object refused: over the size limit",
+            );
             return Response::text(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -455,7 +459,12 @@ impl ObjectStore {
                 Ok(None) => return Ok(received),
                 Err(error) => {
                     // The sender went away; what is written stays acknowledged.
-                    debug!(peer.id = %peer, %error, chunks.received = received, "upload interrupted");
+                    debug!(
+                        peer.id = %peer,
+                        %error,
+                        chunks.received = received,
+                        "upload interrupted",
+                    );
                     return Ok(received);
                 }
             };

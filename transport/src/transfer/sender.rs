@@ -88,7 +88,12 @@ impl Client {
                     }
                     acked_at_last_failure = acked;
                     let delay = policy.delay(failures, &mut rand::thread_rng());
-                    debug!(object.digest = %digest, %error, delay.ms = delay.as_millis() as u64, "upload interrupted; resuming");
+                    debug!(
+                        object.digest = %digest,
+                        %error,
+                        delay.ms = delay.as_millis() as u64,
+                        "upload interrupted; resuming",
+                    );
                     tokio::time::sleep(delay).await;
                     failures += 1;
                 }
