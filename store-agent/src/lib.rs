@@ -10,7 +10,8 @@
 //! - [`pipeline`]: the shared delta clipped, noised and compressed into the update sent;
 //! - [`window`]: the local hours in which the store lets Fedmesh train;
 //! - [`queue`] and [`secrets`]: the upload queue and round secrets that survive a crash;
-//! - [`audit`]: the hash-chained audit log a regulator can check.
+//! - [`audit`]: the hash-chained audit log a regulator can check;
+//! - [`config`]: the agent's one config file, checked at start-up.
 //!
 //! A round, from the store's side:
 //!
@@ -32,6 +33,7 @@
 //! [`pipeline`] applies it to the store's named weights.
 
 pub mod audit;
+pub mod config;
 pub mod dp;
 pub mod eval;
 pub mod ingest;

@@ -1,7 +1,8 @@
 //! `store-agent`: the Fedmesh agent a store runs.
 //!
 //! `store-agent audit verify --log FILE` checks the audit log's hash chain and names the first
-//! broken line.
+//! broken line; `store-agent config check --config FILE` checks a config file and names the
+//! key at fault.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fedmesh_store_agent::audit;
+use fedmesh_store_agent::config::AgentConfig;
 
 /// The Fedmesh store agent.
 #[derive(Debug, Parser)]
@@ -25,6 +27,22 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Check the agent's config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Read the config as the agent would at start-up; print its training window or the
+    /// key at fault.
+    Check {
+        /// The config file (TOML).
+        #[arg(long, default_value = "/etc/fedmesh/store-agent.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +57,18 @@ enum AuditCommand {
 
 fn main() -> Result<ExitCode> {
     match Cli::parse().command {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let config = AgentConfig::from_path(&config)?;
+            println!(
+                "store {} in {}: training window {}",
+                config.store.id,
+                config.store.region,
+                config.training_window()?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit {
             command: AuditCommand::Verify { log },
         } => match audit::verify(&log)? {

@@ -1,4 +1,4 @@
-//! `store-agent audit verify` passes an intact log and names the line an edit broke.
+//! The `store-agent` commands an operator runs: `audit verify` and `config check`.
 
 use std::process::Command;
 
@@ -40,4 +40,34 @@ fn audit_verify_names_the_edited_line() {
     let (ok, out) = verify(&path);
     assert!(!ok);
     assert!(out.contains("broken at line 3"), "{out}");
+}
+
+#[test]
+fn config_check_accepts_the_shipped_example_and_names_a_bad_key() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/store-agent.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_store-agent"))
+        .args(["config", "check", "--config", example])
+        .output()
+        .expect("run store-agent");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("01:00-04:00 America/Chicago"), "{stdout}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("store-agent.toml");
+    let text = std::fs::read_to_string(example).expect("read example");
+    std::fs::write(&bad, text.replace("memory_mib", "memory_mb")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_store-agent"))
+        .args(["config", "check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run store-agent");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `memory_mb`"), "{stderr}");
+    assert!(stderr.contains(&bad.display().to_string()), "{stderr}");
 }
