@@ -17,6 +17,15 @@ use tch::{Kind, Tensor};
 use crate::model::Model;
 use crate::task::Objective;
 
+/// The DP-SGD schedule for `examples` rows: the Poisson sampling rate and the number of
+/// steps. Training runs exactly this, and the store's budget check and core's ledger charge
+/// exactly this: `q = min(1, batch / n)`, `steps = epochs * max(1, n / batch)` (whole batches).
+pub fn schedule(examples: usize, expected_batch_size: usize, epochs: usize) -> (f64, usize) {
+    let rate = (expected_batch_size as f64 / examples.max(1) as f64).min(1.0);
+    let per_epoch = (examples / expected_batch_size.max(1)).max(1);
+    (rate, epochs * per_epoch)
+}
+
 /// The loss of each example, `[batch]`: squared error averaged over outputs for regression,
 /// cross-entropy for classification (targets are class indices, int64 `[batch]`).
 pub fn per_example_loss(objective: Objective, output: &Tensor, target: &Tensor) -> Tensor {

@@ -9,6 +9,7 @@
 //! - [`eval`]: local metrics; [`weights`]: weights and deltas as safetensors;
 //! - [`pipeline`]: the shared delta clipped, noised and compressed into the update sent;
 //! - [`window`]: the local hours in which the store lets Fedmesh train;
+//! - [`participation`]: whether the store takes part in a round offered to it, and why not;
 //! - [`queue`] and [`secrets`]: the upload queue and round secrets that survive a crash;
 //! - [`audit`]: the hash-chained audit log a regulator can check;
 //! - [`config`]: the agent's one config file, checked at start-up.
@@ -38,6 +39,7 @@ pub mod dp;
 pub mod eval;
 pub mod ingest;
 pub mod model;
+pub mod participation;
 pub mod pipeline;
 pub mod queue;
 pub mod redact;

@@ -144,10 +144,9 @@ pub fn train(
         }
         Some(dp_config) => {
             let n = data.len();
+            let (rate, total) = dp::schedule(n, dp_config.expected_batch_size, config.epochs);
             let expected = dp_config.expected_batch_size as f64;
-            let rate = (expected / n as f64).min(1.0);
-            let per_epoch = (n / dp_config.expected_batch_size).max(1);
-            let total = config.epochs * per_epoch;
+            let per_epoch = total / config.epochs.max(1);
             let mut rng = DpRng::new(dp_config.noise_seed);
             let noise_std = dp_config.noise_multiplier * dp_config.clip_norm;
             let (mut epoch_loss, mut last_loss) = (0.0, 0.0);
