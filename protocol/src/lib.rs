@@ -14,3 +14,4 @@ pub mod ids;
 pub mod params;
 pub mod secagg;
 pub mod update;
+pub mod wire;
