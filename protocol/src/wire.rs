@@ -103,6 +103,40 @@ pub fn partial_sums(round: RoundId) -> String {
     format!("/v1/rounds/{}/partial-sums", round.0)
 }
 
+/// The workload a SPIFFE ID path names: `/store/<region>/<store>`, `/pop/<metro>` or
+/// `/core`. Anything else is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// A store.
+    Store(Region, StoreId),
+    /// A PoP, by metro.
+    Pop(String),
+    /// The core aggregator.
+    Core,
+}
+
+impl Workload {
+    /// Parses the path of a SPIFFE ID (the part after the trust domain).
+    pub fn from_path(path: &str) -> Option<Self> {
+        let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        };
+        match segments.as_slice() {
+            ["store", region, store] if ok(region) && ok(store) => Some(Self::Store(
+                Region((*region).to_owned()),
+                StoreId((*store).to_owned()),
+            )),
+            ["pop", metro] if ok(metro) => Some(Self::Pop((*metro).to_owned())),
+            ["core"] => Some(Self::Core),
+            _ => None,
+        }
+    }
+}
+
 /// How updates are aggregated in a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -391,6 +425,32 @@ mod tests {
         assert_eq!(json["kind"], "key-advert");
         let back: StoreMessage = serde_json::from_value(json).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn workload_paths_parse_and_odd_ones_are_refused() {
+        assert_eq!(
+            Workload::from_path("/store/north/12"),
+            Some(Workload::Store(
+                Region("north".into()),
+                StoreId("12".into())
+            ))
+        );
+        assert_eq!(
+            Workload::from_path("/pop/chicago"),
+            Some(Workload::Pop("chicago".into()))
+        );
+        assert_eq!(Workload::from_path("/core"), Some(Workload::Core));
+        for bad in [
+            "",
+            "/",
+            "/store/north",
+            "/store/north/12/x",
+            "/store//12",
+            "/pop/a b",
+        ] {
+            assert_eq!(Workload::from_path(bad), None, "{bad}");
+        }
     }
 
     #[test]
