@@ -10,6 +10,14 @@
 //!
 //! [pop]
 //! address = "pop.fl.example:4433"   # required: the PoPs' anycast address, host:port
+//! poll_min_ms = 100                 # default: shortest wait between round polls
+//! poll_max_ms = 250                 # default: longest wait (uniform jitter in between)
+//! backoff_max_ms = 30000            # default: cap of the backoff while the PoP is unreachable
+//! # fallback_tcp_address = "pop.fl.example:4443"  # optional: HTTP/2 fallback host:port
+//!                                   # (default: address)
+//!
+//! [registry]
+//! public_key = "/etc/fedmesh/registry.pub"  # default: ed25519 public key, 32 bytes in hex
 //!
 //! [identity]                        # the store's X509-SVID, its key and the trust bundle
 //! svid = "/etc/fedmesh/svid.pem"        # default
@@ -19,15 +27,26 @@
 //! [data]
 //! sales = "/srv/pos/sales.csv.gz"   # required: sales rows, CSV, optionally gzip
 //! attributes = "/srv/pos/store.csv" # optional: store attributes the feature spec joins
-//! feature_spec = "/etc/fedmesh/features.toml"  # required
+//! feature_spec = "/etc/fedmesh/features.toml"  # required; its [split] picks train/test rows
+//! train_max = 140.0                 # optional: overrides the spec's split.train_max (rows
+//!                                   # with split column <= it train, the rest test)
 //!
 //! [window]
-//! hours = "01:00-04:00"             # default: local hours in which training may run
+//! hours = "01:00-04:00"             # default: local hours in which training may run;
+//!                                   # "00:00-24:00" means always
 //!
 //! [resources]
-//! threads = 1                       # default: libtorch threads (0: one per core)
+//! threads = 1                       # default: libtorch threads (0: one per core); with
+//!                                   # several stores in a process, also how many train at once
 //! memory_mib = 2048                 # default: memory the agent may use for training
 //! device = "auto"                   # default: auto | cpu | cuda
+//! batch_size = 0                    # default: 0 lets the agent cap the task's batch size
+//!                                   # to fit memory_mib; n > 0 caps it at n
+//!
+//! [runtime]
+//! version = "0.1.0"                 # optional: the runtime version declared to the PoP and
+//!                                   # checked against a plan's min_runtime (default: this
+//!                                   # build's version); for tests and staged roll-outs
 //!
 //! [privacy]
 //! epsilon_budget = 8.0              # default: the store's own record-level budget
@@ -86,6 +105,9 @@ pub struct AgentConfig {
     pub store: StoreSection,
     /// Where its PoP is.
     pub pop: PopSection,
+    /// The registry whose signature models must carry.
+    #[serde(default)]
+    pub registry: RegistrySection,
     /// Its identity files.
     #[serde(default)]
     pub identity: IdentitySection,
@@ -103,6 +125,9 @@ pub struct AgentConfig {
     /// Where it keeps state.
     #[serde(default)]
     pub state: StateSection,
+    /// The runtime version it declares.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
 }
 
 /// `[store]`.
@@ -121,8 +146,56 @@ pub struct StoreSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PopSection {
-    /// The PoPs' anycast address, `host:port`.
+    /// The PoPs' anycast address, `host:port` (UDP for HTTP/3, TCP for the fallback).
     pub address: String,
+    /// The HTTP/2 fallback's `host:port`, when it differs from `address`.
+    #[serde(default)]
+    pub fallback_tcp_address: Option<String>,
+    /// Shortest wait between two round polls, ms.
+    #[serde(default = "default_poll_min_ms")]
+    pub poll_min_ms: u64,
+    /// Longest wait between two round polls, ms; each wait is drawn uniformly in between.
+    #[serde(default = "default_poll_max_ms")]
+    pub poll_max_ms: u64,
+    /// Cap of the exponential backoff (with full jitter) while the PoP is unreachable, ms.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_poll_min_ms() -> u64 {
+    100
+}
+
+fn default_poll_max_ms() -> u64 {
+    250
+}
+
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    /// The registry's ed25519 public key: a file holding 32 bytes in hex.
+    pub public_key: PathBuf,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self {
+            public_key: "/etc/fedmesh/registry.pub".into(),
+        }
+    }
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSection {
+    /// The runtime version declared to the PoP; `None` is this build's version.
+    pub version: Option<String>,
 }
 
 /// `[identity]`.
@@ -158,6 +231,9 @@ pub struct DataSection {
     pub attributes: Option<PathBuf>,
     /// The feature spec.
     pub feature_spec: PathBuf,
+    /// Overrides the spec's `split.train_max`.
+    #[serde(default)]
+    pub train_max: Option<f64>,
 }
 
 /// `[window]`.
@@ -186,6 +262,8 @@ pub struct ResourcesSection {
     pub memory_mib: u64,
     /// Device choice.
     pub device: DeviceChoice,
+    /// Cap on the training batch size; 0 lets the agent choose from `memory_mib`.
+    pub batch_size: usize,
 }
 
 impl Default for ResourcesSection {
@@ -194,6 +272,7 @@ impl Default for ResourcesSection {
             threads: 1,
             memory_mib: 2048,
             device: DeviceChoice::Auto,
+            batch_size: 0,
         }
     }
 }
@@ -261,6 +340,20 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// The runtime version the agent declares: `runtime.version`, or this build's.
+    ///
+    /// # Errors
+    ///
+    /// Never for a config that [`AgentConfig::parse`] accepted.
+    pub fn runtime_version(&self) -> Result<semver::Version, semver::Error> {
+        let version = self
+            .runtime
+            .version
+            .as_deref()
+            .unwrap_or(env!("CARGO_PKG_VERSION"));
+        semver::Version::parse(version)
+    }
+
     /// The training window in the store's time zone.
     ///
     /// # Errors
@@ -294,14 +387,39 @@ impl AgentConfig {
         if let Err(err) = self.training_window() {
             return Err(invalid("window.hours", err.to_string()));
         }
-        let port = self
-            .pop
-            .address
-            .rsplit_once(':')
-            .map(|(_, p)| p.parse::<u16>());
-        if !matches!(port, Some(Ok(p)) if p > 0) {
-            let reason = format!("{:?} is not host:port", self.pop.address);
-            return Err(invalid("pop.address", reason));
+        let addresses = [
+            ("pop.address", Some(&self.pop.address)),
+            (
+                "pop.fallback_tcp_address",
+                self.pop.fallback_tcp_address.as_ref(),
+            ),
+        ];
+        for (key, address) in addresses {
+            let Some(address) = address else { continue };
+            let port = address.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+            if !matches!(port, Some(Ok(p)) if p > 0) {
+                return Err(invalid(key, format!("{address:?} is not host:port")));
+            }
+        }
+        let (min, max) = (self.pop.poll_min_ms, self.pop.poll_max_ms);
+        if min == 0 || min > max {
+            let reason = format!("{min}..{max} ms: need 0 < poll_min_ms <= poll_max_ms");
+            return Err(invalid("pop.poll_min_ms", reason));
+        }
+        if self.pop.backoff_max_ms < max {
+            let reason = format!("{} is below poll_max_ms", self.pop.backoff_max_ms);
+            return Err(invalid("pop.backoff_max_ms", reason));
+        }
+        if let Err(err) = self.runtime_version() {
+            return Err(invalid("runtime.version", err.to_string()));
+        }
+        if let Some(train_max) = self.data.train_max
+            && !train_max.is_finite()
+        {
+            return Err(invalid(
+                "data.train_max",
+                format!("{train_max} is not finite"),
+            ));
         }
         let budget = self.privacy.epsilon_budget;
         if !(budget.is_finite() && budget > 0.0) {
@@ -352,6 +470,27 @@ feature_spec = "/etc/fedmesh/features.toml"
         assert_eq!(config.state.dir, Path::new("/var/lib/fedmesh-store-agent"));
         assert_eq!(config.identity.bundle, Path::new("/etc/fedmesh/bundle.pem"));
         assert!(config.training_window().is_ok());
+        assert_eq!((config.pop.poll_min_ms, config.pop.poll_max_ms), (100, 250));
+        assert_eq!(config.resources.batch_size, 0);
+        assert_eq!(
+            config.runtime_version().expect("version").to_string(),
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+
+    #[test]
+    fn shipped_example_documents_every_key_and_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/store-agent.toml");
+        let config = AgentConfig::from_path(&path).expect("example config parses");
+        assert_eq!(config.data.train_max, Some(140.0));
+        // An always-open window, as the lab runs it.
+        let always = MINIMAL.replace("[data]", "[window]\nhours = \"00:00-24:00\"\n\n[data]");
+        let window = parse(&always)
+            .expect("valid")
+            .training_window()
+            .expect("window");
+        assert!(window.contains("2026-03-08T08:30:00Z".parse().expect("timestamp")));
+        assert!(window.contains("2026-06-10T04:59:59Z".parse().expect("timestamp")));
     }
 
     #[test]
@@ -396,6 +535,16 @@ feature_spec = "/etc/fedmesh/features.toml"
                 "privacy.epsilon_budget",
             ),
             ("id = \"2\"", "id = \"north/2\"", "store.id"),
+            (
+                "address = \"pop.fl.example:4433\"",
+                "address = \"pop.fl.example:4433\"\npoll_min_ms = 300",
+                "pop.poll_min_ms",
+            ),
+            (
+                "[data]",
+                "[runtime]\nversion = \"one\"\n\n[data]",
+                "runtime.version",
+            ),
         ];
         for (from, to, key) in cases {
             let err = parse(&MINIMAL.replace(from, to))
