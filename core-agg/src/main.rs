@@ -1,18 +1,18 @@
 //! `core-agg`: the Fedmesh core aggregator's command line.
 //!
 //! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets,
+//! `core-agg registry keygen` writes the registry's key pair,
 //! `core-agg registry rollback` moves a model's current version back, and
 //! `core-agg ledger status` prints a store's remaining epsilon; each prints one JSON object
 //! on stdout.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ed25519_dalek::SigningKey;
 use fedmesh_core_agg::ledger::{self, LedgerConfig};
-use fedmesh_core_agg::registry::Registry;
 use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
+use fedmesh_core_agg::registry::{Registry, keys};
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::accountant::{RdpAccountant, noise_multiplier_for_epsilon};
 use fedmesh_protocol::ids::{ModelVersion, StoreId};
@@ -66,6 +66,14 @@ enum LedgerCommand {
 
 #[derive(Subcommand)]
 enum RegistryCommand {
+    /// Write a fresh registry key pair: `DIR/registry.key` (secret seed, 64 hex digits,
+    /// mode 0600; core's `registry.signing_key`) and `DIR/registry.pub` (public key, 64 hex
+    /// digits; given to stores and PoPs). Refuses to overwrite either file.
+    Keygen {
+        /// Directory to write the two files into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Move a model's current version back to its parent, or to `--to`, after checking
     /// that version's signature and blob.
     Rollback {
@@ -75,7 +83,7 @@ enum RegistryCommand {
         /// The model.
         #[arg(long)]
         model: String,
-        /// The registry's ed25519 key: a file holding the 32-byte seed in hex.
+        /// The registry's secret key file (`registry.key`: the 32-byte seed in hex).
         #[arg(long)]
         key: PathBuf,
         /// Version to make current; the current version's parent if absent.
@@ -127,13 +135,22 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
         Command::Privacy(privacy) => privacy_report(privacy)?,
+        Command::Registry(RegistryCommand::Keygen { out }) => {
+            let (secret, public) = keys::generate(&out)?;
+            let key = keys::read_verifying_key(&public)?;
+            json!({
+                "secret_key": secret, "public_key": public,
+                "public_key_hex": hex::encode(key.to_bytes()),
+            })
+        }
         Command::Registry(RegistryCommand::Rollback {
             root,
             model,
             key,
             to,
         }) => {
-            let registry = Registry::new(EmbeddedBackend::open(&root)?, read_key(&key)?);
+            let key = keys::read_signing_key(&key)?;
+            let registry = Registry::new(EmbeddedBackend::open(&root)?, key);
             let model = ModelId(model);
             let current = registry.rollback(&model, to.map(ModelVersion))?;
             json!({ "model": model, "current": current })
@@ -203,18 +220,4 @@ fn privacy_report(command: Privacy) -> Result<serde_json::Value> {
             }))
         }
     }
-}
-
-fn read_key(path: &Path) -> Result<SigningKey> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read key file {}", path.display()))?;
-    let bytes = hex::decode(text.trim()).context("key file is not hex")?;
-    let Ok(seed) = <[u8; 32]>::try_from(bytes.as_slice()) else {
-        bail!(
-            "key file {} must hold 32 bytes, found {}",
-            path.display(),
-            bytes.len()
-        );
-    };
-    Ok(SigningKey::from_bytes(&seed))
 }

@@ -15,6 +15,7 @@
 pub mod embedded;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod keys;
 
 use std::collections::BTreeMap;
 
@@ -415,36 +416,7 @@ impl<B: Backend> Registry<B> {
                 version,
             });
         };
-        let corrupt = |reason: String| RegistryError::Corrupt {
-            model: model.clone(),
-            version,
-            reason,
-        };
-        let signature = hex::decode(&signed.signature)
-            .ok()
-            .and_then(|bytes| Signature::from_slice(&bytes).ok())
-            .ok_or_else(|| corrupt("signature is not 64 hex-encoded bytes".into()))?;
-        let message = [SIGNING_CONTEXT, signed.manifest.as_bytes()].concat();
-        if self
-            .verifying_key
-            .verify_strict(&message, &signature)
-            .is_err()
-        {
-            return Err(RegistryError::BadSignature {
-                model: model.clone(),
-                version,
-            });
-        }
-        let manifest: Manifest =
-            serde_json::from_str(&signed.manifest).map_err(|e| corrupt(e.to_string()))?;
-        // A validly signed manifest filed under another name is a replay, not this version.
-        if &manifest.model != model || manifest.version != version {
-            return Err(corrupt(format!(
-                "it describes {} {}",
-                manifest.model, manifest.version
-            )));
-        }
-        Ok(manifest)
+        verify_manifest(&signed, &self.verifying_key, model, Some(version))
     }
 
     /// A version's manifest and blob, after checking the signature, digest and size.
@@ -567,6 +539,57 @@ impl<B: Backend> Registry<B> {
             actual: self.backend.current(model)?,
         })
     }
+}
+
+/// Checks a signed manifest as a store or PoP receives it (from `GET
+/// /v1/models/{model}/versions/{version}`): the signature under the registry's public key,
+/// the JSON, and that it describes `model` and, when given, `version`. Pure: no storage and
+/// no clock, so any process holding the public key (see [`keys`]) runs the same checks as
+/// [`Registry::load_manifest`]. The blob is checked apart, against the returned manifest's
+/// `blob_sha256` and `blob_size`.
+///
+/// # Errors
+///
+/// [`RegistryError::ModelId`] for an unusable model id, [`RegistryError::BadSignature`]
+/// when the signature does not verify, and [`RegistryError::Corrupt`] when the signature is
+/// malformed, the JSON is not a manifest, or the manifest names another model or version
+/// (a validly signed manifest replayed under another name).
+pub fn verify_manifest(
+    signed: &SignedManifest,
+    key: &VerifyingKey,
+    model: &ModelId,
+    version: Option<ModelVersion>,
+) -> Result<Manifest, RegistryError> {
+    check_model_id(model)?;
+    // Until the JSON is parsed and checked, errors name the version asked for (or, when
+    // none was, the version the unverified bytes claim, which is only a label).
+    let label = version.unwrap_or(ModelVersion(0));
+    let corrupt = |version: ModelVersion, reason: String| RegistryError::Corrupt {
+        model: model.clone(),
+        version,
+        reason,
+    };
+    let signature = hex::decode(&signed.signature)
+        .ok()
+        .and_then(|bytes| Signature::from_slice(&bytes).ok())
+        .ok_or_else(|| corrupt(label, "signature is not 64 hex-encoded bytes".into()))?;
+    let message = [SIGNING_CONTEXT, signed.manifest.as_bytes()].concat();
+    if key.verify_strict(&message, &signature).is_err() {
+        return Err(RegistryError::BadSignature {
+            model: model.clone(),
+            version: label,
+        });
+    }
+    let manifest: Manifest =
+        serde_json::from_str(&signed.manifest).map_err(|e| corrupt(label, e.to_string()))?;
+    let version_ok = version.is_none_or(|v| v == manifest.version);
+    if &manifest.model != model || !version_ok {
+        return Err(corrupt(
+            label,
+            format!("it describes {} {}", manifest.model, manifest.version),
+        ));
+    }
+    Ok(manifest)
 }
 
 /// Serialises and signs a manifest.
