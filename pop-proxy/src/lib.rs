@@ -8,13 +8,16 @@
 //! - [`robust`]: trusted-pop mode, robust aggregation of plain updates;
 //! - [`ring`]: the ring and the wire layout of masked vectors.
 //!
-//! Policy decisions come from `fedmesh_policy`; serving stores over the transport is the
-//! binary's job.
+//! - [`service`]: the running PoP (`pop-proxy serve`): the store-facing API over the
+//!   transport, the link to core, health, drain and metrics.
+//!
+//! Policy decisions come from `fedmesh_policy`.
 
 pub mod durable;
 pub mod fold;
 pub mod ring;
 pub mod robust;
+pub mod service;
 
 pub use durable::{SavedRound, SavedView, StateDir, StateError};
 pub use fold::{
