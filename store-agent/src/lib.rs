@@ -12,7 +12,9 @@
 //! - [`participation`]: whether the store takes part in a round offered to it, and why not;
 //! - [`queue`] and [`secrets`]: the upload queue and round secrets that survive a crash;
 //! - [`audit`]: the hash-chained audit log a regulator can check;
-//! - [`config`]: the agent's one config file, checked at start-up.
+//! - [`config`]: the agent's one config file, checked at start-up;
+//! - [`daemon`]: the running agent: one task per hosted store polling its PoP, taking part
+//!   in rounds, evaluating candidates, and `status`.
 //!
 //! A round, from the store's side:
 //!
@@ -35,6 +37,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod daemon;
 pub mod dp;
 pub mod eval;
 pub mod ingest;

@@ -1,0 +1,592 @@
+//! One round at a store, MESH step 3: decide, fetch and verify the model, run the
+//! secure-aggregation steps, train, build the masked update, queue it, send it, answer
+//! the unmask request. Candidate evaluation lives here too.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fedmesh_protocol::params::Scope;
+use fedmesh_protocol::secagg::{Masking, SecAggPlan, StoreSession};
+use fedmesh_protocol::update::clip_l2;
+use fedmesh_protocol::wire::{
+    self, CoreMessage, EvaluationReport, RoundAnnouncement, SecAggStep, StoreMessage, UpdateHeader,
+};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::agent::{Stop, StoreAgent};
+use super::envelope;
+use super::hardware::Hardware;
+use super::models::{self, ModelRefused};
+use super::pop::PopError;
+use crate::Examples;
+use crate::audit::AuditEvent;
+use crate::ingest::StoreData;
+use crate::participation::{self, RoundAsk, StoreState};
+use crate::pipeline::layout_of;
+use crate::queue::UpdateMeta;
+use crate::task::TaskConfig;
+use crate::train::{self, TrainError, TrainReport};
+use crate::weights::Weights;
+
+/// Slack after a phase deadline before the store stops waiting for core.
+const DEADLINE_SLACK_MS: u64 = 2_000;
+
+/// How a round ended for the store, as logged.
+enum Outcome {
+    Declined(String),
+    Failed(String),
+    Uploaded,
+    Queued,
+}
+
+/// What training hands back to the round.
+struct Trained {
+    delta: Weights,
+    checkpoint: Weights,
+    report: TrainReport,
+    loss_before: f64,
+}
+
+impl StoreAgent {
+    /// Takes part in `round` if the store should; logs and audits the outcome.
+    pub(super) async fn take_part(
+        &mut self,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<(), Stop> {
+        let outcome = self.round_steps(round, shutdown).await?;
+        let round_id = round.round.0;
+        match &outcome {
+            Outcome::Declined(reason) => {
+                self.record(AuditEvent::RoundDeclined {
+                    round: round_id,
+                    reason: reason.clone(),
+                });
+                tracing::info!(store.id = %self.store, round.id = round_id,
+                    outcome = "declined", reason = %reason, "round declined");
+            }
+            Outcome::Failed(reason) => {
+                tracing::warn!(store.id = %self.store, round.id = round_id,
+                    outcome = "failed", reason = %reason, "round failed");
+            }
+            Outcome::Uploaded => {
+                tracing::info!(store.id = %self.store, round.id = round_id,
+                    outcome = "uploaded", "update uploaded");
+            }
+            Outcome::Queued => {
+                tracing::info!(store.id = %self.store, round.id = round_id,
+                    outcome = "queued", "update queued, not yet held by a pop");
+            }
+        }
+        Ok(())
+    }
+
+    async fn round_steps(
+        &mut self,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Outcome, Stop> {
+        // 1. Decide: selected, runtime, window, budget.
+        let task = match self.read_task(round) {
+            Ok(task) => task,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        let selected = round.plan.cohort.contains(&self.store);
+        let min_runtime = match semver::Version::parse(&round.min_runtime) {
+            Ok(v) => v,
+            Err(e) => return Ok(Outcome::Failed(format!("min_runtime: {e}"))),
+        };
+        let store = StoreState {
+            runtime: &self.runtime,
+            window: &self.window,
+            budget: self.config.privacy.epsilon_budget,
+            delta: self.config.privacy.delta,
+            spent: &self.state.spent,
+            examples: self.data.train.len(),
+        };
+        let ask = RoundAsk {
+            selected,
+            min_runtime: &min_runtime,
+            epochs: task.training.epochs,
+            dp: task.training.dp.as_ref(),
+        };
+        match participation::decide(&store, &ask, jiff::Timestamp::now()) {
+            Ok(Ok(_)) => {}
+            Ok(Err(decline)) => return Ok(Outcome::Declined(decline.to_string())),
+            Err(e) => return Ok(Outcome::Failed(format!("plan's dp settings: {e}"))),
+        }
+        let due = match round.mode {
+            wire::AggregationMode::Secure if round.plan.masking == Masking::Secure => {
+                round.deadlines.keys_ms
+            }
+            _ => round.deadlines.upload_ms,
+        };
+        if now_ms() > due {
+            return Ok(Outcome::Declined(
+                "joined too late: the round is past its deadline".into(),
+            ));
+        }
+
+        // 2. The model, verified; a refused one leaves the last good model in place.
+        let last = self.state.last_trained_version;
+        let model = match models::fetch_verified(&self.pop, &self.key, &self.dir, last, round).await
+        {
+            Ok(model) => model,
+            Err(ModelRefused::Fetch(err)) => {
+                return Ok(Outcome::Failed(format!("model fetch failed: {err}")));
+            }
+            Err(refused) => {
+                tracing::warn!(store.id = %self.store, round.id = round.round.0,
+                    model.version = round.model_version.0, error = %refused, "model refused");
+                return Ok(Outcome::Declined(format!("model refused: {refused}")));
+            }
+        };
+        let previous = self.state.last_good_model.replace(model.reference.clone());
+        self.state.last_joined_round = Some(round.round.0);
+        if let Err(e) = self.dir.save(&self.state) {
+            return Ok(Outcome::Failed(e.to_string()));
+        }
+        let keep: Vec<&str> = [Some(&model.reference), previous.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|m| m.sha256.as_str())
+            .collect();
+        if let Err(e) = self.dir.prune_models(&keep) {
+            tracing::warn!(store.id = %self.store, error = %e, "cannot prune old models");
+        }
+        let round_id = round.round.0;
+        self.record(AuditEvent::RoundJoined {
+            round: round_id,
+            model_version: round.model_version.0,
+            model_sha256: model.reference.sha256.clone(),
+        });
+        self.record(AuditEvent::DatasetSnapshot {
+            round: round_id,
+            sha256: self.dataset_sha256.clone(),
+            rows: (self.data.train.len() + self.data.test.len()) as u64,
+        });
+        self.record(AuditEvent::TrainingConfig {
+            round: round_id,
+            sha256: round.task_sha256.clone(),
+        });
+
+        // 3. Secure aggregation up to masking (in plain mode there is nothing to agree).
+        let plan = match SecAggPlan::new(round.plan.clone()) {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Outcome::Failed(format!("plan refused: {e}"))),
+        };
+        let mut session = match self.agree(plan, round, shutdown).await? {
+            Ok(session) => session,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+
+        // 4. Train in the shared pool.
+        let trained = match self.train(task.clone(), model.weights).await {
+            Ok(trained) => trained,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        if *shutdown.borrow() {
+            return Err(Stop::Shutdown);
+        }
+        if let Err(reason) = self.account(round_id, round.model_version.0, &trained) {
+            return Ok(Outcome::Failed(reason));
+        }
+
+        // 5. Clip, quantise, mask, pack; queue durably before anything is sent.
+        let masked = match self.build(&task, &trained, &mut session) {
+            Ok(masked) => masked,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        let header = UpdateHeader {
+            round: round.round,
+            model_version: round.model_version,
+            ring_bits: masked.ring_bits,
+            len: masked.len,
+            examples: trained.report.examples as u64,
+            loss: trained.loss_before,
+            upload_id: String::new(),
+        };
+        let meta = UpdateMeta {
+            round: round_id,
+            model_version: round.model_version.0,
+        };
+        let entry = match self
+            .queue
+            .enqueue(meta, &envelope::seal(&header, &masked.bytes))
+        {
+            Ok(entry) => entry,
+            Err(e) => return Ok(Outcome::Failed(format!("cannot queue the update: {e}"))),
+        };
+        self.record(AuditEvent::UpdateQueued {
+            round: round_id,
+            update_sha256: entry.sha256.clone(),
+            bytes: masked.bytes.len() as u64,
+        });
+
+        // 6. Send; a failed send stays queued and the loop sends it again.
+        let sent = self.send_entry(&entry).await;
+        if *shutdown.borrow() {
+            return Err(Stop::Shutdown);
+        }
+
+        // 7. Unmask: release the shares core asks for.
+        if session.plan().masking() == Masking::Secure
+            && let Err(reason) = self.unmask(&mut session, round, shutdown).await?
+        {
+            tracing::warn!(store.id = %self.store, round.id = round_id, reason = %reason,
+                "unmask step not answered");
+        }
+        Ok(match sent {
+            Ok(()) => Outcome::Uploaded,
+            Err(_) => Outcome::Queued,
+        })
+    }
+
+    fn read_task(&self, round: &RoundAnnouncement) -> Result<TaskConfig, String> {
+        let digest = hex::encode(Sha256::digest(round.task.as_bytes()));
+        if digest != round.task_sha256 {
+            return Err(format!(
+                "task digest {digest} differs from the announced {}",
+                round.task_sha256
+            ));
+        }
+        let mut task = TaskConfig::from_toml_str(&round.task).map_err(|e| e.to_string())?;
+        let hw: &Hardware = &self.hardware;
+        task.training.threads = hw.threads;
+        task.training.device = hw.device;
+        task.training.batch_size = hw.batch_size(&task.model, task.training.batch_size);
+        Ok(task)
+    }
+
+    /// Key advert, neighbour keys, shares: until the session is ready to mask.
+    async fn agree(
+        &mut self,
+        plan: SecAggPlan,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Result<StoreSession, String>, Stop> {
+        let (mut session, advert) = match StoreSession::new(plan, self.store.clone(), &mut OsRng) {
+            Ok(started) => started,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let Some(advert) = advert else {
+            return Ok(Ok(session));
+        };
+        let path = wire::secagg(round.round);
+        if let Err(e) = self
+            .pop
+            .post_json(&path, &StoreMessage::KeyAdvert(advert))
+            .await
+        {
+            return Ok(Err(format!("key advert: {e}")));
+        }
+        let keys = self
+            .poll_step(round, SecAggStep::Keys, round.deadlines.shares_ms, shutdown)
+            .await?;
+        let shares = match keys {
+            Ok(CoreMessage::NeighbourKeys(keys)) => {
+                match session.handle_neighbour_keys(&keys, &mut OsRng) {
+                    Ok(shares) => shares,
+                    Err(e) => return Ok(Err(format!("neighbour keys: {e}"))),
+                }
+            }
+            Ok(_) => return Ok(Err("core answered keys with another step".into())),
+            Err(e) => return Ok(Err(format!("neighbour keys: {e}"))),
+        };
+        let msg = StoreMessage::EncryptedShares(shares);
+        if let Err(e) = self.pop.post_json(&path, &msg).await {
+            return Ok(Err(format!("encrypted shares: {e}")));
+        }
+        let shares = self
+            .poll_step(
+                round,
+                SecAggStep::Shares,
+                round.deadlines.upload_ms,
+                shutdown,
+            )
+            .await?;
+        match shares {
+            Ok(CoreMessage::Shares(shares)) => match session.handle_shares(&shares) {
+                Ok(()) => Ok(Ok(session)),
+                Err(e) => Ok(Err(format!("neighbour shares: {e}"))),
+            },
+            Ok(_) => Ok(Err("core answered shares with another step".into())),
+            Err(e) => Ok(Err(format!("neighbour shares: {e}"))),
+        }
+    }
+
+    async fn unmask(
+        &mut self,
+        session: &mut StoreSession,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Result<(), String>, Stop> {
+        let request = self
+            .poll_step(
+                round,
+                SecAggStep::Unmask,
+                round.deadlines.unmask_ms,
+                shutdown,
+            )
+            .await?;
+        let request = match request {
+            Ok(CoreMessage::Unmask(request)) => request,
+            Ok(_) => return Ok(Err("core answered unmask with another step".into())),
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let response = match session.handle_unmask_request(&request) {
+            Ok(response) => response,
+            Err(e) => return Ok(Err(format!("unmask request refused: {e}"))),
+        };
+        let msg = StoreMessage::UnmaskResponse(response);
+        Ok(self
+            .pop
+            .post_json(&wire::secagg(round.round), &msg)
+            .await
+            .map_err(|e| e.to_string()))
+    }
+
+    /// Polls one secure-aggregation step until core answers, the deadline (plus slack)
+    /// passes, or shutdown is asked for.
+    async fn poll_step(
+        &self,
+        round: &RoundAnnouncement,
+        step: SecAggStep,
+        deadline_ms: u64,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Result<CoreMessage, PopError>, Stop> {
+        let path = wire::secagg_step(round.round, step);
+        loop {
+            if *shutdown.borrow() {
+                return Err(Stop::Shutdown);
+            }
+            let transient = match self.pop.get_json::<CoreMessage>(&path).await {
+                Ok(Some(msg)) => return Ok(Ok(msg)),
+                Ok(None) => None,
+                Err(e) if e.is_transient() => Some(e),
+                Err(e) => return Ok(Err(e)),
+            };
+            if now_ms() > deadline_ms + DEADLINE_SLACK_MS {
+                let reason = format!("no {} reply before the deadline", step.as_str());
+                return Ok(Err(
+                    transient.unwrap_or(PopError::Malformed { path, reason })
+                ));
+            }
+            tokio::time::sleep(self.poll_wait()).await;
+        }
+    }
+
+    /// Runs local training on the blocking pool, at most `threads` stores at once.
+    async fn train(&mut self, task: TaskConfig, global: Weights) -> Result<Trained, String> {
+        // No checkpoint yet (the first round): local parameters start from the seed.
+        let local = Weights::read(&self.dir.local_checkpoint()).ok();
+        let data = Arc::clone(&self.data);
+        let permit = Arc::clone(&self.trainers)
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let trained = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            train_blocking(&task, &data, &global, local.as_ref())
+        })
+        .await
+        .map_err(|e| format!("training task: {e}"))?
+        .map_err(|e| format!("training: {e}"))?;
+        // The personalised head stays here, for the next round and for evaluations.
+        trained
+            .checkpoint
+            .to_safetensors()
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                crate::queue::write_durably(&self.dir.local_checkpoint(), &bytes, 0o600)
+                    .map_err(|e| e.to_string())
+            })?;
+        Ok(trained)
+    }
+
+    /// Charges the round's DP-SGD to the store's own accountant and audits it.
+    fn account(&mut self, round: u64, version: u64, trained: &Trained) -> Result<(), String> {
+        if let Some(dp) = &trained.report.dp {
+            self.state
+                .spent
+                .compose_poisson_gaussian(dp.sampling_rate, dp.noise_multiplier, dp.steps as u64)
+                .map_err(|e| e.to_string())?;
+            let delta = self.config.privacy.delta;
+            let epsilon_after = self.state.spent.epsilon(delta).map_err(|e| e.to_string())?;
+            self.record(AuditEvent::Privacy {
+                round,
+                noise_multiplier: dp.noise_multiplier,
+                clip_norm: dp.clip_norm,
+                steps: dp.steps as u64,
+                sample_rate: dp.sampling_rate,
+                epsilon_after,
+                delta,
+            });
+        }
+        self.state.last_trained_version = Some(version);
+        self.state.rounds_trained += 1;
+        self.dir.save(&self.state).map_err(|e| e.to_string())
+    }
+
+    /// The shared delta in protocol order, L2-clipped, quantised and masked.
+    fn build(
+        &mut self,
+        task: &TaskConfig,
+        trained: &Trained,
+        session: &mut StoreSession,
+    ) -> Result<fedmesh_protocol::secagg::PackedVector, String> {
+        let layout = layout_of(&trained.delta).map_err(|e| e.to_string())?;
+        let values: BTreeMap<String, Vec<f32>> = trained
+            .delta
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.values.clone()))
+            .collect();
+        let mut flat = layout
+            .flatten(&values, Scope::Shared)
+            .map_err(|e| e.to_string())?;
+        if let Some(dp) = &task.training.dp {
+            clip_l2(&mut flat, dp.clip_norm as f32).map_err(|e| e.to_string())?;
+        }
+        // The stochastic rounding and this store's noise share come from a seed the audit
+        // log commits to.
+        let mut seed = [0u8; 32];
+        OsRng.fill_bytes(&mut seed);
+        self.record(AuditEvent::NoiseSeedCommitment {
+            round: session.plan().round().0,
+            commitment: hex::encode(Sha256::digest(seed)),
+        });
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let quantised = session
+            .plan()
+            .quantise(&flat, &mut rng)
+            .map_err(|e| format!("quantise: {e}"))?;
+        let masked = session.mask(&quantised).map_err(|e| format!("mask: {e}"))?;
+        Ok(masked.vector)
+    }
+
+    /// Scores the round's candidate on the store's test rows, with the store's own local
+    /// parameters, and posts the loss.
+    pub(super) async fn evaluate(&mut self, round: &RoundAnnouncement) {
+        let Some(task) = round.evaluation.as_ref() else {
+            return;
+        };
+        let key = (round.round.0, task.candidate_sha256.clone());
+        if self.evaluated.contains(&key) || now_ms() > task.deadline_ms {
+            return;
+        }
+        self.evaluated.insert(key);
+        match self.evaluate_candidate(round).await {
+            Ok(report) => tracing::info!(store.id = %self.store, round.id = round.round.0,
+                outcome = "evaluated", loss = report.loss, examples = report.examples,
+                "candidate evaluated"),
+            Err(reason) => tracing::warn!(store.id = %self.store, round.id = round.round.0,
+                outcome = "evaluation-failed", reason = %reason, "candidate not evaluated"),
+        }
+    }
+
+    async fn evaluate_candidate(
+        &mut self,
+        round: &RoundAnnouncement,
+    ) -> Result<EvaluationReport, String> {
+        let Some(eval) = round.evaluation.as_ref() else {
+            return Err("no evaluation task".into());
+        };
+        let task = self.read_task(round)?;
+        let path = wire::blob(&eval.candidate_sha256);
+        let blob = self
+            .pop
+            .get_bytes(&path, models::MAX_BLOB)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{path} is not served"))?;
+        let digest = hex::encode(Sha256::digest(&blob));
+        if digest != eval.candidate_sha256 {
+            return Err(format!("candidate blob digest {digest} differs"));
+        }
+        let candidate = Weights::from_safetensors(&blob).map_err(|e| e.to_string())?;
+        let local = Weights::read(&self.dir.local_checkpoint()).ok();
+        let data = Arc::clone(&self.data);
+        let permit = Arc::clone(&self.trainers)
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (examples, loss) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let rows = normalised(&task, &data.test)?;
+            if rows.is_empty() {
+                return Ok((0, f64::NAN));
+            }
+            let model = train::build_model(&task, &candidate, local.as_ref())?;
+            Ok::<_, TrainError>((rows.len(), mean_loss(&model, &rows)?))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        if examples == 0 {
+            return Err("the store has no test rows".into());
+        }
+        let report = EvaluationReport {
+            round: round.round,
+            candidate_sha256: eval.candidate_sha256.clone(),
+            examples: examples as u64,
+            loss,
+        };
+        self.pop
+            .post_json(&wire::evaluation(round.round), &report)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(report)
+    }
+}
+
+/// Training proper: the loss of the global model on the training rows first (the
+/// update header's `loss`), then the round.
+fn train_blocking(
+    task: &TaskConfig,
+    data: &StoreData,
+    global: &Weights,
+    local: Option<&Weights>,
+) -> Result<Trained, TrainError> {
+    let rows = normalised(task, &data.train)?;
+    let before = train::build_model(task, global, local)?;
+    let loss_before = mean_loss(&before, &rows)?;
+    drop(before);
+    let outcome = train::run_round(task, data, global, local)?;
+    Ok(Trained {
+        delta: outcome.delta,
+        checkpoint: outcome.checkpoint,
+        report: outcome.report,
+        loss_before,
+    })
+}
+
+fn normalised(task: &TaskConfig, rows: &Examples) -> Result<Examples, TrainError> {
+    Ok(match &task.normalisation {
+        Some(norm) => rows.normalised(norm)?,
+        None => rows.clone(),
+    })
+}
+
+/// The mean loss (MSE or cross-entropy) of `model` over `rows`.
+fn mean_loss(model: &crate::model::Model, rows: &Examples) -> Result<f64, TrainError> {
+    if rows.is_empty() {
+        return Err(TrainError::NoExamples);
+    }
+    let (x, y) = train::tensors(model, rows)?;
+    Ok(tch::no_grad(|| {
+        train::batch_loss(model, &x, &y).double_value(&[])
+    }))
+}
+
+/// Milliseconds since the Unix epoch.
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
