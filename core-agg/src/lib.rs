@@ -15,6 +15,7 @@
 pub mod ledger;
 pub mod registry;
 pub mod rounds;
+pub mod service;
 pub mod statistics;
 pub mod strategy;
 

@@ -1,0 +1,3 @@
+//! `core-agg serve`: the core aggregator as a running service.
+
+pub mod config;
