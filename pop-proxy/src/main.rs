@@ -1,5 +1,8 @@
 //! `pop-proxy`: the Fedmesh PoP.
 //!
+//! `pop-proxy serve --config pop.toml` runs the PoP (see `pop.example.toml` for every key):
+//! SIGUSR1 starts a drain, SIGTERM or SIGINT a graceful shutdown (exit status 0).
+//!
 //! Policy commands for security teams:
 //! - `pop-proxy policy test DIR` runs the policy's `test_` rules and exits non-zero when
 //!   one fails;
@@ -23,6 +26,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the PoP.
+    Serve {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a configuration file and exit.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Work with Rego policies.
     Policy {
         #[command(subcommand)]
@@ -69,6 +84,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Serve { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(fedmesh_pop_proxy::service::serve(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            fedmesh_pop_proxy::service::Config::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Policy {
             command: PolicyCommand::Test { dir, entrypoint },
         } => policy_test(dir, &entrypoint),
