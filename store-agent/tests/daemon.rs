@@ -1,0 +1,966 @@
+//! The daemon against a fake PoP on 127.0.0.1: real transport (HTTP/3, mutual TLS with a
+//! dev PKI), a registry-signed model, plain-masking rounds, recorded uploads.
+//!
+//! The fake PoP serves one `RoundAnnouncement` at a time, manifests and blobs, accepts
+//! uploads once per upload id (a re-send is answered with the same receipt and not counted
+//! again, as a PoP must), and answers receipts with a status the test sets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
+use fedmesh_core_agg::registry::{Backend, Candidate, DpSpend, Registry, keys};
+use fedmesh_core_agg::{ModelId, Timestamp};
+use fedmesh_protocol::ids::{ModelVersion, RoundId, StoreId};
+use fedmesh_protocol::params::Scope;
+use fedmesh_protocol::secagg::{Masking, PackedVector, PlanConfig, SecAggPlan};
+use fedmesh_protocol::wire::{
+    self, AggregationMode, EvaluationReport, PhaseDeadlines, ReceiptStatus, RoundAnnouncement,
+    RoundReceipt, UpdateHeader, UploadReceipt, Workload,
+};
+use fedmesh_store_agent::config::AgentConfig;
+use fedmesh_store_agent::daemon;
+use fedmesh_store_agent::daemon::state::{AgentState, StateDir};
+use fedmesh_store_agent::ingest::{self, DataFiles};
+use fedmesh_store_agent::model::{Model, Precision};
+use fedmesh_store_agent::pipeline::layout_of;
+use fedmesh_store_agent::spec::FeatureSpec;
+use fedmesh_store_agent::task::TaskConfig;
+use fedmesh_store_agent::{audit, train};
+use fedmesh_transport::pki::{DevPkiSpec, write_dev_pki};
+use fedmesh_transport::server::{Request, Response};
+use fedmesh_transport::{FileSvidSource, Router, SendBody, Server, ServerConfig, SvidPaths};
+use http::{Method, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+/// libtorch's generator is process-wide: tests that train run one at a time so that each
+/// run repeats exactly.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const MODEL: &str = "oj";
+const CLIP: f32 = 0.5;
+
+const SPEC: &str = r#"
+store_column = "store"
+target = "y"
+
+[split]
+column = "week"
+train_max = 140
+
+[[features]]
+name = "x"
+kind = "numeric"
+columns = ["x1", "x2"]
+"#;
+
+const TASK: &str = r#"
+[model]
+kind = "mlp"
+inputs = 2
+hidden = [4]
+outputs = 1
+objective = "regression"
+local = ["head"]
+
+[training]
+epochs = 3
+batch_size = 16
+learning_rate = 0.01
+fedprox_mu = 0.1
+seed = 11
+"#;
+
+/// The same task with DP-SGD at a noise level that spends a lot of epsilon.
+const DP_TASK: &str = r#"
+[model]
+kind = "mlp"
+inputs = 2
+hidden = [4]
+outputs = 1
+objective = "regression"
+local = ["head"]
+
+[training]
+epochs = 50
+batch_size = 16
+learning_rate = 0.01
+seed = 11
+
+[training.dp]
+clip_norm = 1.0
+noise_multiplier = 0.5
+expected_batch_size = 20
+"#;
+
+/// Shared parameters of the task's model: hidden.0 is 4x2 weights and 4 biases.
+const DIMENSION: u32 = 12;
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+/// What the fake PoP holds and saw.
+#[derive(Default)]
+struct PopState {
+    round: Option<RoundAnnouncement>,
+    manifests: BTreeMap<(String, u64), Vec<u8>>,
+    blobs: BTreeMap<String, Vec<u8>>,
+    /// Accepted uploads, one per upload id, in arrival order.
+    uploads: Vec<(StoreId, UpdateHeader, Vec<u8>)>,
+    /// Every PUT, re-sends included.
+    puts: usize,
+    receipt: BTreeMap<(u64, String), ReceiptStatus>,
+    evaluations: Vec<EvaluationReport>,
+}
+
+type Shared = Arc<Mutex<PopState>>;
+
+fn lock(state: &Shared) -> MutexGuard<'_, PopState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn store_of(request: &Request) -> Option<StoreId> {
+    match Workload::from_path(request.peer().path())? {
+        Workload::Store(_, id) => Some(id),
+        _ => None,
+    }
+}
+
+fn fake_pop_router(state: Shared) -> Router {
+    let s = state.clone();
+    let router = Router::new().route(Method::GET, wire::ROUND, move |_r: Request| {
+        let round = lock(&s).round.clone();
+        async move {
+            match round {
+                Some(round) => Response::json(StatusCode::OK, &round),
+                None => Response::new(StatusCode::NO_CONTENT, SendBody::empty()),
+            }
+        }
+    });
+    let s = state.clone();
+    let router = router.route(
+        Method::GET,
+        "/v1/models/{model}/versions/{version}",
+        move |r: Request| {
+            let key = (
+                r.param("model").unwrap_or_default().to_owned(),
+                r.param("version")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(u64::MAX),
+            );
+            let found = lock(&s).manifests.get(&key).cloned();
+            async move { bytes_or_404(found) }
+        },
+    );
+    let s = state.clone();
+    let router = router.route(Method::GET, "/v1/blobs/{sha}", move |r: Request| {
+        let found = lock(&s)
+            .blobs
+            .get(r.param("sha").unwrap_or_default())
+            .cloned();
+        async move { bytes_or_404(found) }
+    });
+    let s = state.clone();
+    let router = router.route(
+        Method::PUT,
+        "/v1/rounds/{round}/update",
+        move |r: Request| {
+            let s = s.clone();
+            async move { accept_update(&s, r).await }
+        },
+    );
+    let s = state.clone();
+    let router = router.route(
+        Method::GET,
+        "/v1/rounds/{round}/receipt",
+        move |r: Request| {
+            let round: u64 = r.param("round").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let store = store_of(&r).unwrap_or(StoreId(String::new()));
+            let status = lock(&s)
+                .receipt
+                .get(&(round, store.0.clone()))
+                .copied()
+                .unwrap_or(ReceiptStatus::Open);
+            let receipt = RoundReceipt {
+                round: RoundId(round),
+                store,
+                status,
+            };
+            async move { Response::json(StatusCode::OK, &receipt) }
+        },
+    );
+    let s = state;
+    router.route(
+        Method::POST,
+        "/v1/rounds/{round}/evaluation",
+        move |r: Request| {
+            let s = s.clone();
+            async move {
+                let body = r.into_body().to_bytes(1 << 20).await.unwrap_or_default();
+                match serde_json::from_slice::<EvaluationReport>(&body) {
+                    Ok(report) => {
+                        lock(&s).evaluations.push(report);
+                        Response::new(StatusCode::ACCEPTED, SendBody::empty())
+                    }
+                    Err(_) => Response::new(StatusCode::BAD_REQUEST, SendBody::empty()),
+                }
+            }
+        },
+    )
+}
+
+fn bytes_or_404(found: Option<Vec<u8>>) -> Response {
+    match found {
+        Some(bytes) => Response::new(StatusCode::OK, SendBody::from_bytes(bytes)),
+        None => Response::new(StatusCode::NOT_FOUND, SendBody::empty()),
+    }
+}
+
+async fn accept_update(state: &Shared, r: Request) -> Response {
+    let Some(store) = store_of(&r) else {
+        return Response::new(StatusCode::FORBIDDEN, SendBody::empty());
+    };
+    let header = r
+        .headers()
+        .get(wire::UPDATE_HEADER)
+        .and_then(|v| serde_json::from_slice::<UpdateHeader>(v.as_bytes()).ok());
+    let Some(header) = header else {
+        return Response::new(StatusCode::BAD_REQUEST, SendBody::empty());
+    };
+    let body = r.into_body().to_bytes(16 << 20).await.unwrap_or_default();
+    let mut pop = lock(state);
+    pop.puts += 1;
+    let seen = pop
+        .uploads
+        .iter()
+        .any(|(_, h, _)| h.upload_id == header.upload_id);
+    if !seen {
+        pop.uploads
+            .push((store.clone(), header.clone(), body.to_vec()));
+    }
+    let receipt = UploadReceipt {
+        round: header.round,
+        store,
+        upload_id: header.upload_id,
+        pop: "test".into(),
+    };
+    Response::json(StatusCode::OK, &receipt)
+}
+
+/// A whole test bed: PKI, registry, data, the fake PoP on its own runtime.
+struct Bed {
+    dir: tempfile::TempDir,
+    _pop_runtime: tokio::runtime::Runtime,
+    _server: Server,
+    quic: std::net::SocketAddr,
+    tcp: std::net::SocketAddr,
+    state: Shared,
+    registry: Registry<EmbeddedBackend>,
+    /// Shared-parameter weights of every published version.
+    versions: Vec<fedmesh_store_agent::weights::Weights>,
+}
+
+impl Bed {
+    fn new(stores: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let spec = DevPkiSpec {
+            trust_domain: "fedmesh.test".into(),
+            ca_lifetime: Duration::from_secs(86_400),
+            svid_lifetime: Duration::from_secs(3_600),
+            pops: vec!["test".into()],
+            stores: stores
+                .iter()
+                .map(|s| ("north".to_owned(), (*s).to_owned()))
+                .collect(),
+        };
+        write_dev_pki(&root.join("pki"), &spec).expect("dev pki");
+
+        // Sales rows for each store: weeks 100..=160, so 41 train and 20 test rows; the
+        // target is a fixed linear function of the two features.
+        let mut csv = String::from("store,week,x1,x2,y\n");
+        for store in stores {
+            for week in 100..=160u32 {
+                let x1 = f64::from(week % 7) / 7.0;
+                let x2 = f64::from(week % 5) / 5.0;
+                let y = 0.8 * x1 - 0.5 * x2 + 0.1;
+                csv.push_str(&format!("{store},{week},{x1},{x2},{y}\n"));
+            }
+        }
+        std::fs::write(root.join("sales.csv"), csv).expect("sales");
+        std::fs::write(root.join("spec.toml"), SPEC).expect("spec");
+
+        let (secret, _public) = keys::generate(&root.join("registry")).expect("keys");
+        let signing = keys::read_signing_key(&secret).expect("signing key");
+        let backend = EmbeddedBackend::open(&root.join("registry-store")).expect("registry");
+        let registry = Registry::new(backend, signing);
+
+        let pop_runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let state: Shared = Arc::default();
+        let source =
+            FileSvidSource::load(SvidPaths::in_dir(&root.join("pki/pop/test"))).expect("svid");
+        let config = ServerConfig {
+            quic_addr: "127.0.0.1:0".parse().expect("addr"),
+            tcp_addr: Some("127.0.0.1:0".parse().expect("addr")),
+            keepalive: Default::default(),
+        };
+        let server = pop_runtime
+            .block_on(Server::bind(config, source, fake_pop_router(state.clone())))
+            .expect("bind");
+        let (quic, tcp) = (server.quic_addr(), server.tcp_addr().expect("tcp"));
+        let mut bed = Self {
+            dir,
+            _pop_runtime: pop_runtime,
+            _server: server,
+            quic,
+            tcp,
+            state,
+            registry,
+            versions: Vec::new(),
+        };
+        bed.publish(1);
+        bed
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Publishes a fresh version (weights drawn from `seed`) and serves it.
+    fn publish(&mut self, seed: i64) -> ModelVersion {
+        let task = TaskConfig::from_toml_str(TASK).expect("task");
+        tch::manual_seed(seed);
+        let model = Model::new(&task.model, tch::Device::Cpu, Precision::F32).expect("model");
+        let weights = model.shared_weights();
+        let blob = weights.to_safetensors().expect("safetensors");
+        let parent = self
+            .versions
+            .len()
+            .checked_sub(1)
+            .map(|v| ModelVersion(v as u64));
+        let candidate = Candidate {
+            model: ModelId(MODEL.into()),
+            parent,
+            blob: blob.clone(),
+            model_spec: "mlp 2-4-1".into(),
+            training_config_sha256: sha256(TASK.as_bytes()),
+            dp: DpSpend {
+                unit: "record".into(),
+                noise_multiplier: 0.0,
+                clip_norm: 0.0,
+                delta: 1e-5,
+                epsilon: 0.0,
+            },
+            metrics: BTreeMap::new(),
+        };
+        let manifest = self
+            .registry
+            .publish(&candidate, 0.1, Timestamp(1))
+            .expect("publish");
+        let signed = self
+            .registry
+            .backend()
+            .manifest(&ModelId(MODEL.into()), manifest.version)
+            .expect("manifest")
+            .expect("stored");
+        let mut pop = lock(&self.state);
+        pop.manifests.insert(
+            (MODEL.into(), manifest.version.0),
+            serde_json::to_vec(&signed).expect("json"),
+        );
+        pop.blobs.insert(manifest.blob_sha256.clone(), blob);
+        drop(pop);
+        self.versions.push(weights);
+        manifest.version
+    }
+
+    fn blob_sha(&self, version: ModelVersion) -> String {
+        sha256(
+            &self.versions[version.0 as usize]
+                .to_safetensors()
+                .expect("blob"),
+        )
+    }
+
+    /// Writes a store's config; `extra` is appended (sections such as `[privacy]`).
+    fn config(&self, store: &str, window: &str, extra: &str) -> AgentConfig {
+        let root = self.root();
+        let pki = root.join("pki/store/north").join(store);
+        let text = format!(
+            r#"
+[store]
+id = "{store}"
+region = "north"
+time_zone = "UTC"
+
+[pop]
+address = "{quic}"
+fallback_tcp_address = "{tcp}"
+poll_min_ms = 20
+poll_max_ms = 50
+backoff_max_ms = 500
+
+[registry]
+public_key = "{registry}"
+
+[identity]
+svid = "{svid}"
+key = "{key}"
+bundle = "{bundle}"
+
+[data]
+sales = "{sales}"
+feature_spec = "{spec}"
+
+[window]
+hours = "{window}"
+
+[resources]
+device = "cpu"
+
+[state]
+dir = "{state}"
+{extra}
+"#,
+            quic = self.quic,
+            tcp = self.tcp,
+            registry = root.join("registry/registry.pub").display(),
+            svid = pki.join("svid.pem").display(),
+            key = pki.join("svid.key.pem").display(),
+            bundle = pki.join("bundle.pem").display(),
+            sales = root.join("sales.csv").display(),
+            spec = root.join("spec.toml").display(),
+            state = self.state_dir(store).display(),
+        );
+        let path = root.join(format!("store-{store}.toml"));
+        std::fs::write(&path, text).expect("config");
+        AgentConfig::from_path(&path).expect("valid config")
+    }
+
+    fn state_dir(&self, store: &str) -> PathBuf {
+        self.root().join("state").join(store)
+    }
+
+    /// Announces a plain-masking round over `cohort` training from `version`.
+    fn announce(
+        &self,
+        round: u64,
+        version: ModelVersion,
+        cohort: &[&str],
+        task: &str,
+    ) -> PlanConfig {
+        self.announce_with(
+            round,
+            version,
+            &self.blob_sha(version),
+            cohort,
+            task,
+            "0.0.1",
+        )
+    }
+
+    fn announce_with(
+        &self,
+        round: u64,
+        version: ModelVersion,
+        blob_sha: &str,
+        cohort: &[&str],
+        task: &str,
+        min_runtime: &str,
+    ) -> PlanConfig {
+        let plan = PlanConfig {
+            round: RoundId(round),
+            seed: [7; 32],
+            cohort: cohort.iter().map(|s| StoreId((*s).into())).collect(),
+            masking: Masking::Plain,
+            degree: 0,
+            threshold: 1,
+            min_survivors: 1,
+            dimension: DIMENSION,
+            kept: None,
+            quant_bits: 8,
+            clip: CLIP,
+            guard_bits: 2,
+            noise_stddev: 0.0,
+        };
+        let now = now_ms();
+        let announcement = RoundAnnouncement {
+            round: RoundId(round),
+            model: MODEL.into(),
+            model_version: version,
+            model_sha256: blob_sha.to_owned(),
+            task: task.to_owned(),
+            task_sha256: sha256(task.as_bytes()),
+            min_runtime: min_runtime.to_owned(),
+            mode: AggregationMode::Secure,
+            plan: plan.clone(),
+            deadlines: PhaseDeadlines {
+                keys_ms: now + 20_000,
+                shares_ms: now + 21_000,
+                upload_ms: now + 22_000,
+                unmask_ms: now + 23_000,
+            },
+            evaluation: None,
+        };
+        lock(&self.state).round = Some(announcement);
+        plan
+    }
+
+    fn set_receipt(&self, round: u64, store: &str, status: ReceiptStatus) {
+        lock(&self.state)
+            .receipt
+            .insert((round, store.into()), status);
+    }
+
+    fn pop(&self) -> MutexGuard<'_, PopState> {
+        lock(&self.state)
+    }
+}
+
+/// A store process: its own runtime, dropped to kill it.
+struct Agent {
+    runtime: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<Result<(), daemon::DaemonError>>,
+}
+
+impl Agent {
+    fn start(configs: Vec<AgentConfig>) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (stop, shutdown) = watch::channel(false);
+        let done = runtime.spawn(daemon::run(configs, shutdown));
+        Self {
+            runtime,
+            stop,
+            done,
+        }
+    }
+
+    /// Stops the agent as SIGTERM does and waits for it.
+    fn stop(self) {
+        let _ = self.stop.send(true);
+        let ended = self
+            .runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), self.done).await });
+        ended.expect("stops in time").expect("joins").expect("runs");
+    }
+
+    /// Kills the agent: every task dropped wherever it is, as power loss would.
+    fn kill(self) {
+        self.runtime.shutdown_background();
+    }
+}
+
+/// Waits up to `secs` seconds for `done`.
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn audit_lines(bed: &Bed, store: &str) -> Vec<serde_json::Value> {
+    let path = bed.state_dir(store).join("audit.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn declined(bed: &Bed, store: &str, round: u64) -> Option<String> {
+    audit_lines(bed, store).into_iter().find_map(|line| {
+        let hit = line["event"] == "round_declined" && line["round"] == round;
+        hit.then(|| line["reason"].as_str().unwrap_or_default().to_owned())
+    })
+}
+
+fn queued_files(bed: &Bed, store: &str) -> Vec<String> {
+    let dir = bed.state_dir(store).join("queue");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.ends_with(".update"))
+        .collect()
+}
+
+fn agent_state(bed: &Bed, store: &str) -> AgentState {
+    StateDir::open(&bed.state_dir(store))
+        .expect("state dir")
+        .load()
+        .expect("state")
+}
+
+/// The store's trained delta for round 1 from `version`, as the daemon computes it (same
+/// seed, same thread count, no local checkpoint yet), in protocol order.
+fn expected_delta(bed: &Bed, store: &str, version: ModelVersion) -> Vec<f32> {
+    let mut spec = FeatureSpec::from_toml_str(SPEC).expect("spec");
+    spec.split.train_max = 140.0;
+    let files = DataFiles {
+        sales: bed.root().join("sales.csv"),
+        attributes: None,
+    };
+    let data = ingest::load_store(&spec, &files, &StoreId(store.into())).expect("data");
+    let task = TaskConfig::from_toml_str(TASK).expect("task");
+    let global = &bed.versions[version.0 as usize];
+    let outcome = train::run_round(&task, &data, global, None).expect("trains");
+    let layout = layout_of(&outcome.delta).expect("layout");
+    let values = outcome
+        .delta
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.values.clone()))
+        .collect();
+    layout.flatten(&values, Scope::Shared).expect("flatten")
+}
+
+#[test]
+fn store_joins_a_plain_round_and_its_upload_decodes_to_its_trained_delta() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    let config = bed.config("2", "00:00-24:00", "");
+    let plan = bed.announce(1, ModelVersion(0), &["2"], TASK);
+    let agent = Agent::start(vec![config]);
+
+    wait_for(25, "the upload", || !bed.pop().uploads.is_empty());
+    let (store, header, body) = bed.pop().uploads[0].clone();
+    assert_eq!(store, StoreId("2".into()));
+    assert_eq!(
+        (header.round, header.model_version),
+        (RoundId(1), ModelVersion(0))
+    );
+    // 41 training rows: weeks 100 to 140.
+    assert_eq!(header.examples, 41);
+    assert!(
+        header.loss.is_finite() && header.loss > 0.0,
+        "{}",
+        header.loss
+    );
+    let queued = queued_files(&bed, "2");
+    assert_eq!(queued, vec![format!("{}.update", header.upload_id)]);
+
+    // Plain masking: the upload is the quantised vector itself. Stochastic rounding moves
+    // each coordinate by less than one level, 1/scale, after clamping to the clip bound.
+    let plan = SecAggPlan::new(plan).expect("plan");
+    let vector = PackedVector {
+        ring_bits: header.ring_bits,
+        len: header.len,
+        bytes: body,
+    };
+    let ring = vector
+        .unpack(plan.ring_bits(), plan.vector_len())
+        .expect("unpacks");
+    let decoded = plan.decode(&ring);
+    let expected = expected_delta(&bed, "2", ModelVersion(0));
+    assert_eq!(decoded.len(), expected.len());
+    let level = 1.0 / plan.scale() as f32;
+    for (i, (got, want)) in decoded.iter().zip(&expected).enumerate() {
+        let want = want.clamp(-CLIP, CLIP);
+        assert!(
+            (got - want).abs() <= level + 1e-6,
+            "coordinate {i}: {got} vs {want}"
+        );
+    }
+    assert!(
+        expected.iter().any(|v| v.abs() > 2.0 * level),
+        "training moved the weights"
+    );
+
+    // Core includes it: the store settles the entry and records the confirmation.
+    bed.set_receipt(1, "2", ReceiptStatus::Included);
+    wait_for(10, "the queue to settle", || {
+        queued_files(&bed, "2").is_empty()
+    });
+
+    // Named as an evaluator, the store scores the candidate (version 0's weights with its
+    // own head) on its 20 test rows and posts the loss only.
+    let candidate = bed.blob_sha(ModelVersion(0));
+    if let Some(round) = bed.pop().round.as_mut() {
+        round.evaluation = Some(wire::EvaluationTask {
+            candidate_sha256: candidate.clone(),
+            evaluators: vec![StoreId("2".into())],
+            deadline_ms: now_ms() + 20_000,
+        });
+    }
+    wait_for(10, "the evaluation", || !bed.pop().evaluations.is_empty());
+    let report = bed.pop().evaluations[0].clone();
+    assert_eq!((report.round, report.examples), (RoundId(1), 20));
+    assert_eq!(report.candidate_sha256, candidate);
+    assert!(
+        report.loss.is_finite() && report.loss > 0.0,
+        "{}",
+        report.loss
+    );
+    agent.stop();
+    let lines = audit_lines(&bed, "2");
+    let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();
+    for event in [
+        "round_joined",
+        "dataset_snapshot",
+        "training_config",
+        "noise_seed_commitment",
+        "update_queued",
+        "upload_confirmed",
+    ] {
+        assert!(events.contains(&event), "{event} missing from {events:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "upload_confirmed" && l["included"] == true)
+    );
+    let verified = audit::verify(&bed.state_dir("2").join("audit.jsonl")).expect("reads");
+    assert!(verified.is_ok(), "{verified:?}");
+    // The personalised head stays at the store.
+    assert!(bed.state_dir("2").join("local.safetensors").exists());
+    assert_eq!(bed.pop().puts, 1);
+}
+
+#[test]
+fn tampered_wrongly_signed_and_older_models_are_refused_and_the_last_good_one_kept() {
+    let _serial = serial();
+    let mut bed = Bed::new(&["2"]);
+    let v1 = bed.publish(2);
+    let v2 = bed.publish(3);
+    let config = bed.config("2", "00:00-24:00", "");
+    bed.set_receipt(1, "2", ReceiptStatus::Included);
+    bed.announce(1, v1, &["2"], TASK);
+    let agent = Agent::start(vec![config]);
+    wait_for(25, "round 1's upload", || bed.pop().uploads.len() == 1);
+    wait_for(10, "round 1 to settle", || {
+        queued_files(&bed, "2").is_empty()
+    });
+    let good = agent_state(&bed, "2")
+        .last_good_model
+        .expect("a good model");
+    assert_eq!(
+        (good.version, agent_state(&bed, "2").last_trained_version),
+        (1, Some(1))
+    );
+
+    // Round 2: version 2's blob with one byte changed (the manifest still signs the true
+    // digest, which the round announces).
+    let sha2 = bed.blob_sha(v2);
+    let mut tampered = bed.pop().blobs[&sha2].clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    bed.pop().blobs.insert(sha2.clone(), tampered);
+    bed.announce(2, v2, &["2"], TASK);
+    wait_for(15, "round 2's decline", || declined(&bed, "2", 2).is_some());
+    let reason = declined(&bed, "2", 2).unwrap_or_default();
+    assert!(
+        reason.contains("model refused") && reason.contains("sha-256"),
+        "{reason}"
+    );
+
+    // Round 3: version 2's manifest signed by another key.
+    let other = tempfile::tempdir().expect("tempdir");
+    let (secret, _) = keys::generate(other.path()).expect("keys");
+    let intruder = Registry::new(
+        EmbeddedBackend::open(&other.path().join("store")).expect("registry"),
+        keys::read_signing_key(&secret).expect("key"),
+    );
+    let blob = bed.versions[v2.0 as usize].to_safetensors().expect("blob");
+    for parent in [None, Some(ModelVersion(0)), Some(ModelVersion(1))] {
+        let candidate = Candidate {
+            model: ModelId(MODEL.into()),
+            parent,
+            blob: blob.clone(),
+            model_spec: "mlp 2-4-1".into(),
+            training_config_sha256: sha256(TASK.as_bytes()),
+            dp: DpSpend {
+                unit: "record".into(),
+                noise_multiplier: 0.0,
+                clip_norm: 0.0,
+                delta: 1e-5,
+                epsilon: 0.0,
+            },
+            metrics: BTreeMap::new(),
+        };
+        intruder
+            .publish(&candidate, 0.1, Timestamp(1))
+            .expect("publish");
+    }
+    let forged = intruder
+        .backend()
+        .manifest(&ModelId(MODEL.into()), v2)
+        .expect("manifest")
+        .expect("stored");
+    {
+        let mut pop = bed.pop();
+        pop.blobs.insert(sha2.clone(), blob);
+        pop.manifests.insert(
+            (MODEL.into(), v2.0),
+            serde_json::to_vec(&forged).expect("json"),
+        );
+    }
+    bed.announce(3, v2, &["2"], TASK);
+    wait_for(15, "round 3's decline", || declined(&bed, "2", 3).is_some());
+    let reason = declined(&bed, "2", 3).unwrap_or_default();
+    assert!(reason.contains("bad signature"), "{reason}");
+
+    // Round 4: version 0, validly signed but older than version 1 the store trained from.
+    bed.announce(4, ModelVersion(0), &["2"], TASK);
+    wait_for(15, "round 4's decline", || declined(&bed, "2", 4).is_some());
+    let reason = declined(&bed, "2", 4).unwrap_or_default();
+    assert!(reason.contains("older than version 1"), "{reason}");
+    agent.stop();
+
+    // Nothing trained or sent since round 1; the last good model is still on disk.
+    assert_eq!(bed.pop().uploads.len(), 1);
+    let state = agent_state(&bed, "2");
+    assert_eq!(state.last_good_model.as_ref(), Some(&good));
+    assert_eq!(state.last_trained_version, Some(1));
+    let models = bed.state_dir("2").join("models");
+    assert!(models.join(format!("{}.safetensors", good.sha256)).exists());
+    assert!(
+        models
+            .join(format!("{}.manifest.json", good.sha256))
+            .exists()
+    );
+    assert!(!models.join(format!("{sha2}.safetensors")).exists());
+}
+
+#[test]
+fn killed_after_queueing_a_store_resends_once_and_settles_after_the_receipt() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    let config = bed.config("2", "00:00-24:00", "");
+    bed.announce(1, ModelVersion(0), &["2"], TASK);
+
+    // 1. The PoP holds the upload; core has not settled the round.
+    let agent = Agent::start(vec![config.clone()]);
+    wait_for(25, "the upload", || bed.pop().uploads.len() == 1);
+    wait_for(5, "the queue entry", || queued_files(&bed, "2").len() == 1);
+    agent.kill();
+    let first = bed.pop().uploads[0].1.upload_id.clone();
+    let puts_before = bed.pop().puts;
+
+    // 2. A new process: it re-sends the open entry (the PoP answers the same receipt and
+    //    does not count it again) and does not join round 1 a second time.
+    let agent = Agent::start(vec![config]);
+    wait_for(15, "the re-send", || bed.pop().puts > puts_before);
+    bed.set_receipt(1, "2", ReceiptStatus::Included);
+    wait_for(10, "the queue to settle", || {
+        queued_files(&bed, "2").is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop();
+
+    let pop = bed.pop();
+    assert_eq!(pop.uploads.len(), 1, "one copy reached the pop");
+    assert_eq!(pop.uploads[0].1.upload_id, first);
+    let confirmations = audit_lines(&bed, "2")
+        .into_iter()
+        .filter(|l| l["event"] == "upload_confirmed")
+        .count();
+    assert_eq!(confirmations, 1);
+    let joins = audit_lines(&bed, "2")
+        .into_iter()
+        .filter(|l| l["event"] == "round_joined")
+        .count();
+    assert_eq!(joins, 1, "round 1 is joined once across the restart");
+}
+
+#[test]
+fn decline_reasons_surface_in_each_hosted_stores_audit_log() {
+    let _serial = serial();
+    let bed = Bed::new(&["2", "5"]);
+    // Store 2's window is closed now (it opens in two hours); store 5's is always open but
+    // its budget is tiny.
+    let opens = jiff::tz::TimeZone::UTC
+        .to_datetime(jiff::Timestamp::now())
+        .time()
+        .wrapping_add(jiff::SignedDuration::from_hours(2));
+    let closes = opens.wrapping_add(jiff::SignedDuration::from_mins(30));
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        opens.hour(),
+        opens.minute(),
+        closes.hour(),
+        closes.minute()
+    );
+    let closed = bed.config("2", &window, "");
+    let thrifty = bed.config("5", "00:00-24:00", "\n[privacy]\nepsilon_budget = 0.5\n");
+    let agent = Agent::start(vec![closed, thrifty]);
+
+    // Round 1 selects only store 5; round 2 needs a newer runtime; round 3 trains with
+    // DP-SGD, which store 2's window and store 5's budget refuse.
+    bed.announce(1, ModelVersion(0), &["5"], TASK);
+    wait_for(15, "round 1's decline", || declined(&bed, "2", 1).is_some());
+    let sha = bed.blob_sha(ModelVersion(0));
+    bed.announce_with(2, ModelVersion(0), &sha, &["2", "5"], TASK, "99.0.0");
+    wait_for(15, "round 2's declines", || {
+        declined(&bed, "2", 2).is_some() && declined(&bed, "5", 2).is_some()
+    });
+    bed.announce(3, ModelVersion(0), &["2", "5"], DP_TASK);
+    wait_for(15, "round 3's declines", || {
+        declined(&bed, "2", 3).is_some() && declined(&bed, "5", 3).is_some()
+    });
+    agent.stop();
+
+    let reason = |store, round| declined(&bed, store, round).unwrap_or_default();
+    assert_eq!(reason("2", 1), "not selected for this round");
+    assert!(
+        reason("2", 2).contains("older than the plan's minimum 99.0.0"),
+        "{}",
+        reason("2", 2)
+    );
+    assert!(
+        reason("5", 2).contains("older than the plan's minimum 99.0.0"),
+        "{}",
+        reason("5", 2)
+    );
+    assert!(
+        reason("2", 3).starts_with("outside the training window"),
+        "{}",
+        reason("2", 3)
+    );
+    assert!(
+        reason("5", 3).contains("over the budget of 0.5"),
+        "{}",
+        reason("5", 3)
+    );
+    // Store 5 trained round 1; nobody trained rounds 2 and 3.
+    let rounds: Vec<u64> = bed
+        .pop()
+        .uploads
+        .iter()
+        .map(|(_, h, _)| h.round.0)
+        .collect();
+    assert!(rounds.iter().all(|&r| r == 1), "{rounds:?}");
+    for store in ["2", "5"] {
+        let verified = audit::verify(&bed.state_dir(store).join("audit.jsonl")).expect("reads");
+        assert!(verified.is_ok(), "{store}: {verified:?}");
+    }
+}
