@@ -139,6 +139,11 @@ impl Pop {
         }
     }
 
+    /// The newest round core announced and this PoP opened.
+    pub fn newest_round(&self) -> Option<fedmesh_protocol::ids::RoundId> {
+        self.lock_rounds().newest()
+    }
+
     /// Partial sums not yet acknowledged by core.
     pub fn pending_partial_sums(&self) -> usize {
         self.lock_rounds().pending_len()
