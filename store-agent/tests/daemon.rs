@@ -15,10 +15,14 @@ use fedmesh_core_agg::registry::{Backend, Candidate, DpSpend, Registry, keys};
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::ids::{ModelVersion, RoundId, StoreId};
 use fedmesh_protocol::params::Scope;
-use fedmesh_protocol::secagg::{Masking, PackedVector, PlanConfig, SecAggPlan};
+use fedmesh_protocol::secagg::{
+    CoreSession, Deadlines, MaskedUpdate, Masking, Outgoing, PackedVector, PartialSumBuilder,
+    PlanConfig, SecAggPlan, ToStore,
+};
 use fedmesh_protocol::wire::{
-    self, AggregationMode, EvaluationReport, PhaseDeadlines, ReceiptStatus, RoundAnnouncement,
-    RoundReceipt, UpdateHeader, UploadReceipt, Workload,
+    self, AggregationMode, CoreMessage, EvaluationReport, PhaseDeadlines, ReceiptStatus,
+    RoundAnnouncement, RoundReceipt, SecAggStep, StoreMessage, UpdateHeader, UploadReceipt,
+    Workload,
 };
 use fedmesh_store_agent::config::AgentConfig;
 use fedmesh_store_agent::daemon;
@@ -126,6 +130,29 @@ struct PopState {
     puts: usize,
     receipt: BTreeMap<(u64, String), ReceiptStatus>,
     evaluations: Vec<EvaluationReport>,
+    /// Core's side of a secure round, when the test runs one.
+    core: Option<FakeCore>,
+}
+
+/// Core behind the PoP for a secure round: the protocol's `CoreSession`, the PoP's fold,
+/// and the replies waiting for each store at each step.
+struct FakeCore {
+    session: CoreSession,
+    fold: Option<PartialSumBuilder>,
+    outbox: BTreeMap<(String, &'static str), CoreMessage>,
+}
+
+impl FakeCore {
+    fn post(&mut self, outgoing: Vec<Outgoing>) {
+        for out in outgoing {
+            let (step, message) = match out.message {
+                ToStore::NeighbourKeys(m) => ("keys", CoreMessage::NeighbourKeys(m)),
+                ToStore::Shares(m) => ("shares", CoreMessage::Shares(m)),
+                ToStore::Unmask(m) => ("unmask", CoreMessage::Unmask(m)),
+            };
+            self.outbox.insert((out.to.0, step), message);
+        }
+    }
 }
 
 type Shared = Arc<Mutex<PopState>>;
@@ -204,6 +231,35 @@ fn fake_pop_router(state: Shared) -> Router {
             async move { Response::json(StatusCode::OK, &receipt) }
         },
     );
+    let s = state.clone();
+    let router = router.route(
+        Method::POST,
+        "/v1/rounds/{round}/secagg",
+        move |r: Request| {
+            let s = s.clone();
+            async move { relay_to_core(&s, r).await }
+        },
+    );
+    let s = state.clone();
+    let router = router.route(
+        Method::GET,
+        "/v1/rounds/{round}/secagg/{step}",
+        move |r: Request| {
+            let store = store_of(&r).map(|s| s.0).unwrap_or_default();
+            let step = SecAggStep::parse(r.param("step").unwrap_or_default());
+            let reply = step.and_then(|step| {
+                let pop = lock(&s);
+                let core = pop.core.as_ref()?;
+                core.outbox.get(&(store, step.as_str())).cloned()
+            });
+            async move {
+                match reply {
+                    Some(msg) => Response::json(StatusCode::OK, &msg),
+                    None => Response::new(StatusCode::NO_CONTENT, SendBody::empty()),
+                }
+            }
+        },
+    );
     let s = state;
     router.route(
         Method::POST,
@@ -222,6 +278,40 @@ fn fake_pop_router(state: Shared) -> Router {
             }
         },
     )
+}
+
+/// Hands a store's secure-aggregation message to core, checking that it speaks for the
+/// store whose certificate sent it.
+async fn relay_to_core(state: &Shared, r: Request) -> Response {
+    let Some(store) = store_of(&r) else {
+        return Response::new(StatusCode::FORBIDDEN, SendBody::empty());
+    };
+    let body = r.into_body().to_bytes(1 << 20).await.unwrap_or_default();
+    let Ok(msg) = serde_json::from_slice::<StoreMessage>(&body) else {
+        return Response::new(StatusCode::BAD_REQUEST, SendBody::empty());
+    };
+    let mut pop = lock(state);
+    let Some(core) = pop.core.as_mut() else {
+        return Response::new(StatusCode::NOT_FOUND, SendBody::empty());
+    };
+    let now = std::time::Instant::now();
+    let handled = match msg {
+        StoreMessage::KeyAdvert(m) if m.store == store => core.session.handle_key_advert(now, m),
+        StoreMessage::EncryptedShares(m) if m.from == store => {
+            core.session.handle_encrypted_shares(now, m)
+        }
+        StoreMessage::UnmaskResponse(m) if m.from == store => {
+            core.session.handle_unmask_response(now, m)
+        }
+        _ => return Response::new(StatusCode::FORBIDDEN, SendBody::empty()),
+    };
+    match handled {
+        Ok(outgoing) => {
+            core.post(outgoing);
+            Response::new(StatusCode::ACCEPTED, SendBody::empty())
+        }
+        Err(_) => Response::new(StatusCode::CONFLICT, SendBody::empty()),
+    }
 }
 
 fn bytes_or_404(found: Option<Vec<u8>>) -> Response {
@@ -252,6 +342,33 @@ async fn accept_update(state: &Shared, r: Request) -> Response {
     if !seen {
         pop.uploads
             .push((store.clone(), header.clone(), body.to_vec()));
+        // In a secure round the PoP folds the masked vector and forwards the partial sum
+        // once every store of the cohort is in.
+        if let Some(core) = pop.core.as_mut()
+            && let Some(fold) = core.fold.as_mut()
+        {
+            let update = MaskedUpdate {
+                round: header.round,
+                store: store.clone(),
+                vector: PackedVector {
+                    ring_bits: header.ring_bits,
+                    len: header.len,
+                    bytes: body.to_vec(),
+                },
+            };
+            if fold.fold(&update).is_err() {
+                return Response::new(StatusCode::BAD_REQUEST, SendBody::empty());
+            }
+            if fold.len() == core.session.plan().cohort().len() {
+                let partial = core.fold.take().and_then(|f| f.finish().ok().flatten());
+                if let Some(partial) = partial {
+                    let now = std::time::Instant::now();
+                    if let Ok(outgoing) = core.session.handle_partial_sum(now, partial) {
+                        core.post(outgoing);
+                    }
+                }
+            }
+        }
     }
     let receipt = UploadReceipt {
         round: header.round,
@@ -502,6 +619,18 @@ dir = "{state}"
             guard_bits: 2,
             noise_stddev: 0.0,
         };
+        self.announce_plan(version, blob_sha, plan, task, min_runtime)
+    }
+
+    fn announce_plan(
+        &self,
+        version: ModelVersion,
+        blob_sha: &str,
+        plan: PlanConfig,
+        task: &str,
+        min_runtime: &str,
+    ) -> PlanConfig {
+        let round = plan.round.0;
         let now = now_ms();
         let announcement = RoundAnnouncement {
             round: RoundId(round),
@@ -963,4 +1092,100 @@ fn decline_reasons_surface_in_each_hosted_stores_audit_log() {
         let verified = audit::verify(&bed.state_dir(store).join("audit.jsonl")).expect("reads");
         assert!(verified.is_ok(), "{store}: {verified:?}");
     }
+}
+
+#[test]
+fn three_hosted_stores_complete_a_secure_round_whose_unmasked_sum_is_their_deltas() {
+    let _serial = serial();
+    let bed = Bed::new(&["2", "5", "8"]);
+    let configs = ["2", "5", "8"]
+        .map(|store| bed.config(store, "00:00-24:00", ""))
+        .to_vec();
+    // Three stores, the complete graph (degree 2), threshold 2: a real SecAgg+ round.
+    let plan = PlanConfig {
+        round: RoundId(1),
+        seed: [9; 32],
+        cohort: ["2", "5", "8"].map(|s| StoreId(s.into())).to_vec(),
+        masking: Masking::Secure,
+        degree: 2,
+        threshold: 2,
+        min_survivors: 2,
+        dimension: DIMENSION,
+        kept: None,
+        quant_bits: 8,
+        clip: CLIP,
+        guard_bits: 2,
+        noise_stddev: 0.0,
+    };
+    let secagg = SecAggPlan::new(plan.clone()).expect("plan");
+    let deadlines = Deadlines {
+        keys: Duration::from_secs(20),
+        shares: Duration::from_secs(20),
+        upload: Duration::from_secs(20),
+        unmask: Duration::from_secs(20),
+    };
+    bed.pop().core = Some(FakeCore {
+        session: CoreSession::new(secagg.clone(), std::time::Instant::now(), deadlines),
+        fold: Some(PartialSumBuilder::new(secagg.clone())),
+        outbox: BTreeMap::new(),
+    });
+    let sha = bed.blob_sha(ModelVersion(0));
+    bed.announce_plan(ModelVersion(0), &sha, plan, TASK, "0.0.1");
+    let agent = Agent::start(configs);
+
+    wait_for(25, "the unmasked sum", || {
+        bed.pop()
+            .core
+            .as_ref()
+            .is_some_and(|c| c.session.outcome().is_some())
+    });
+    for store in ["2", "5", "8"] {
+        bed.set_receipt(1, store, ReceiptStatus::Included);
+    }
+    wait_for(10, "every queue to settle", || {
+        ["2", "5", "8"]
+            .iter()
+            .all(|s| queued_files(&bed, s).is_empty())
+    });
+    agent.stop();
+
+    let outcome = bed
+        .pop()
+        .core
+        .as_ref()
+        .and_then(|c| c.session.outcome().cloned())
+        .expect("finished")
+        .expect("the round succeeded");
+    assert_eq!(outcome.survivors.len(), 3);
+    // The three stores hold the same rows (the generator does not depend on the store), so
+    // each trains the same delta; the sum is three of them, within a level per store.
+    let expected = expected_delta(&bed, "2", ModelVersion(0));
+    let decoded = secagg.decode(&outcome.sum);
+    let level = 1.0 / secagg.scale() as f32;
+    for (i, (got, want)) in decoded.iter().zip(&expected).enumerate() {
+        let want = 3.0 * want.clamp(-CLIP, CLIP);
+        assert!(
+            (got - want).abs() <= 3.0 * level + 1e-5,
+            "coordinate {i}: {got} vs {want}"
+        );
+    }
+    // What the PoP saw of one store is masked: it does not decode to that store's delta.
+    let (_, header, body) = bed.pop().uploads[0].clone();
+    let alone = PackedVector {
+        ring_bits: header.ring_bits,
+        len: header.len,
+        bytes: body,
+    }
+    .unpack(secagg.ring_bits(), secagg.vector_len())
+    .expect("unpacks");
+    let far = secagg
+        .decode(&alone)
+        .iter()
+        .zip(&expected)
+        .filter(|(got, want)| (*got - want.clamp(-CLIP, CLIP)).abs() > 4.0 * level)
+        .count();
+    assert!(
+        far > DIMENSION as usize / 2,
+        "only {far} coordinates look masked"
+    );
 }

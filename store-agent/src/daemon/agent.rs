@@ -51,8 +51,11 @@ pub struct StoreAgent {
     pub(super) evaluated: BTreeSet<(u64, String)>,
     /// When each queued entry's receipt may next be asked for.
     receipt_due: HashMap<String, Instant>,
-    /// Entries to send (again): every open entry found at start-up, and new ones.
+    /// Entries to send (again): every open entry found at start-up.
     resend: HashSet<String>,
+    /// Entries a PoP refused outright (stale round, policy): not sent again by this
+    /// process; core's receipt settles them.
+    refused: HashSet<String>,
 }
 
 /// Why the loop stopped a step early.
@@ -128,6 +131,7 @@ impl StoreAgent {
             evaluated: BTreeSet::new(),
             receipt_due: HashMap::new(),
             resend,
+            refused: HashSet::new(),
         })
     }
 
@@ -205,7 +209,9 @@ impl StoreAgent {
         };
         let mut unreachable = None;
         for entry in entries {
-            let due = matches!(entry.state, EntryState::Queued) || self.resend.contains(&entry.id);
+            let unsent =
+                matches!(entry.state, EntryState::Queued) && !self.refused.contains(&entry.id);
+            let due = unsent || self.resend.contains(&entry.id);
             if due {
                 match self.send_entry(&entry).await {
                     Ok(()) => {}
@@ -218,6 +224,7 @@ impl StoreAgent {
                         tracing::warn!(store.id = %self.store, round.id = entry.meta.round,
                             error = %err, "update refused by the pop");
                         self.resend.remove(&entry.id);
+                        self.refused.insert(entry.id.clone());
                     }
                 }
             }
@@ -247,7 +254,15 @@ impl StoreAgent {
             })?;
         header.upload_id = entry.id.clone();
         let path = wire::update(header.round);
-        let receipt: UploadReceipt = self.pop.put_update(&path, &header, body.into()).await?;
+        let receipt: UploadReceipt = match self.pop.put_update(&path, &header, body.into()).await {
+            Ok(receipt) => receipt,
+            Err(err) => {
+                if !err.is_transient() {
+                    self.refused.insert(entry.id.clone());
+                }
+                return Err(err);
+            }
+        };
         if receipt.upload_id != entry.id || receipt.round != header.round {
             return Err(PopError::Malformed {
                 path,
@@ -305,6 +320,7 @@ impl StoreAgent {
         }
         self.receipt_due.remove(&entry.id);
         self.resend.remove(&entry.id);
+        self.refused.remove(&entry.id);
         if let Err(err) = self.secrets.forget_through(entry.meta.round) {
             tracing::error!(store.id = %self.store, error = %err, "cannot delete round secrets");
         }
