@@ -60,7 +60,7 @@ fn answer<B>(pop: &Pop, request: &http::Request<B>) -> http::Response<Full<Bytes
         (&http::Method::GET, wire::METRICS) => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            Bytes::from(pop.metrics.encode()),
+            Bytes::from(pop.encode_metrics()),
         ),
         _ => (404, "text/plain", Bytes::from_static(b"no such path\n")),
     };

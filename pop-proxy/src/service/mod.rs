@@ -82,7 +82,6 @@ pub enum ServeError {
 }
 
 /// The PoP's shared state, seen by every handler and task.
-#[derive(Debug)]
 pub struct Pop {
     config: Config,
     core: Client,
@@ -95,6 +94,17 @@ pub struct Pop {
     draining: AtomicBool,
     stopping: AtomicBool,
     core_seen: Mutex<Option<Instant>>,
+    // The store-facing server, set once bound; held here so scrapes can sample it.
+    server: Mutex<Option<Server>>,
+}
+
+impl std::fmt::Debug for Pop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pop")
+            .field("metro", &self.config.metro)
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pop {
@@ -139,6 +149,18 @@ impl Pop {
         }
     }
 
+    /// The metrics in text form, with the connection gauge sampled now.
+    pub fn encode_metrics(&self) -> String {
+        let connections = self
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, Server::quic_connections);
+        self.metrics.connections.set(connections as i64);
+        self.metrics.encode()
+    }
+
     /// The newest round core announced and this PoP opened.
     pub fn newest_round(&self) -> Option<fedmesh_protocol::ids::RoundId> {
         self.lock_rounds().newest()
@@ -173,7 +195,7 @@ impl Pop {
 /// A started PoP.
 pub struct Running {
     pop: Arc<Pop>,
-    server: Option<Server>,
+    addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -188,8 +210,8 @@ impl std::fmt::Debug for Running {
 
 impl Running {
     /// The address stores reach (UDP and TCP).
-    pub fn addr(&self) -> Option<SocketAddr> {
-        self.server.as_ref().map(Server::quic_addr)
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The plain-HTTP admin address, if configured.
@@ -227,7 +249,13 @@ impl Running {
         for task in self.tasks.drain(..) {
             task.abort();
         }
-        if let Some(server) = self.server.take() {
+        let server = self
+            .pop
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(server) = server {
             server.abort().await;
         }
     }
@@ -238,6 +266,14 @@ impl Drop for Running {
         for task in self.tasks.drain(..) {
             task.abort();
         }
+        // The server's routes hold the state: break the cycle so the server stops.
+        drop(
+            self.pop
+                .server
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -281,6 +317,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         draining: AtomicBool::new(false),
         stopping: AtomicBool::new(false),
         core_seen: Mutex::new(None),
+        server: Mutex::new(None),
     });
 
     // 3. Listeners.
@@ -306,15 +343,17 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     tasks.push(tokio::spawn(poll_plan(Arc::clone(&pop))));
     tasks.push(tokio::spawn(refresh_ledger(Arc::clone(&pop))));
     tasks.push(tokio::spawn(forward_loop(Arc::clone(&pop))));
+    let addr = server.quic_addr();
     tracing::info!(
         pop.metro = %pop.config.metro,
-        listen = %server.quic_addr(),
+        listen = %addr,
         core = %pop.config.core,
         "pop serving"
     );
+    *pop.server.lock().unwrap_or_else(|p| p.into_inner()) = Some(server);
     Ok(Running {
         pop,
-        server: Some(server),
+        addr,
         admin_addr,
         tasks,
     })

@@ -95,7 +95,7 @@ pub fn ready(pop: &Pop) -> Response {
 
 /// `/metrics`: Prometheus text.
 pub fn metrics(pop: &Pop) -> Response {
-    let text = pop.metrics.encode();
+    let text = pop.encode_metrics();
     Response::new(StatusCode::OK, SendBody::from_bytes(text)).with_header(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
