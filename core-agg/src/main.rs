@@ -1,5 +1,6 @@
 //! `core-agg`: the Fedmesh core aggregator's command line.
 //!
+//! `core-agg serve --config core.toml` runs the core aggregator;
 //! `core-agg privacy epsilon` and `core-agg privacy sigma` plan DP budgets,
 //! `core-agg registry keygen` writes the registry's key pair,
 //! `core-agg registry rollback` moves a model's current version back, and
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use fedmesh_core_agg::ledger::{self, LedgerConfig};
 use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
 use fedmesh_core_agg::registry::{Registry, keys};
+use fedmesh_core_agg::service::{self, config::Config};
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::accountant::{RdpAccountant, noise_multiplier_for_epsilon};
 use fedmesh_protocol::ids::{ModelVersion, StoreId};
@@ -28,6 +30,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the core aggregator: the round API for PoPs, the operator API and /metrics.
+    Serve {
+        /// The config file (see core-agg/core.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Plan differential-privacy budgets (Poisson-subsampled Gaussian, add-or-remove-one).
     #[command(subcommand)]
     Privacy(Privacy),
@@ -134,6 +142,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let report = match cli.command {
+        Command::Serve { config } => return serve(&config),
         Command::Privacy(privacy) => privacy_report(privacy)?,
         Command::Registry(RegistryCommand::Keygen { out }) => {
             let (secret, public) = keys::generate(&out)?;
@@ -182,6 +191,16 @@ fn main() -> Result<()> {
     };
     println!("{report}");
     Ok(())
+}
+
+fn serve(path: &std::path::Path) -> Result<()> {
+    let config = Config::load(path)?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let running = service::start(config).await?;
+        running.wait().await;
+        anyhow::Ok(())
+    })
 }
 
 fn privacy_report(command: Privacy) -> Result<serde_json::Value> {

@@ -421,8 +421,7 @@ impl Config {
         if !(p.store_noise_multiplier.is_finite() && p.store_noise_multiplier > 0.0) {
             return invalid("privacy.store_noise_multiplier", "must be positive");
         }
-        if self.registry.backend == BackendKind::Etcd && self.registry.etcd_endpoints.is_empty()
-        {
+        if self.registry.backend == BackendKind::Etcd && self.registry.etcd_endpoints.is_empty() {
             return invalid("registry.etcd_endpoints", "backend etcd needs endpoints");
         }
         Ok(())

@@ -1,0 +1,727 @@
+//! `core-agg serve` end to end over the real transport on 127.0.0.1: a fake PoP relays for
+//! fake stores that run `secagg::StoreSession`, and folds their masked updates itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use fedmesh_core_agg::ModelId;
+use fedmesh_core_agg::registry::{SignedManifest, keys, sha256_hex, verify_manifest};
+use fedmesh_core_agg::service::config::Config;
+use fedmesh_core_agg::service::model::{TaskFacts, Weights};
+use fedmesh_core_agg::service::{self, Running};
+use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
+use fedmesh_protocol::secagg::{PartialSumBuilder, SecAggPlan, StoreSession};
+use fedmesh_protocol::wire::{
+    self, ApiError, Contribution, CoreMessage, EvaluationReport, ModelPointer, PartialSumAck,
+    PartialSumHeader, ReceiptStatus, RoundAnnouncement, RoundReceipt, SecAggStep, StoreMessage,
+};
+use fedmesh_transport::pki::{DevPkiSpec, write_dev_pki};
+use fedmesh_transport::{Client, ClientConfig, FileSvidSource, PeerPolicy, SendBody, SvidPaths};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+const TRUST_DOMAIN: &str = "fedmesh.test";
+const STORES: [(&str, &str); 5] = [
+    ("north", "1"),
+    ("north", "2"),
+    ("north", "3"),
+    ("south", "4"),
+    ("south", "5"),
+];
+/// Each poll loop waits at most this many steps of [`STEP`].
+const MAX_STEPS: usize = 200;
+const STEP: Duration = Duration::from_millis(50);
+
+const TASK: &str = r#"
+[model]
+kind = "mlp"
+inputs = 3
+hidden = [2]
+outputs = 1
+objective = "regression"
+local = ["head"]
+
+[training]
+epochs = 1
+batch_size = 16
+learning_rate = 0.01
+
+[training.dp]
+clip_norm = 1.0
+noise_multiplier = 1.0
+expected_batch_size = 16
+"#;
+
+/// The initial model: 8 shared values (`body.bias`, `body.weight`) and a local head.
+fn initial_weights() -> Weights {
+    Weights::from_tensors(BTreeMap::from([
+        ("body.bias".into(), (vec![2], vec![0.1, -0.2])),
+        (
+            "body.weight".into(),
+            (vec![2, 3], vec![0.5, -0.5, 0.25, 0.0, 1.0, -1.0]),
+        ),
+        ("head.weight".into(), (vec![1, 2], vec![3.0, 4.0])),
+    ]))
+}
+
+/// A store's update: deterministic, different per store, inside the clip of 0.5.
+fn update_of(store: &StoreId) -> Vec<f32> {
+    let s: f32 = store.0.parse().unwrap_or(0.0);
+    (0..8)
+        .map(|j| ((s * 0.07 + j as f32 * 0.031) % 0.9) - 0.45)
+        .collect()
+}
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    config: Config,
+    running: Option<Running>,
+    pop: Client,
+    rng: ChaCha20Rng,
+}
+
+fn free_port() -> SocketAddr {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.local_addr().unwrap()
+}
+
+impl Mesh {
+    async fn start(edit: impl FnOnce(&mut String)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        write_dev_pki(
+            &root.join("pki"),
+            &DevPkiSpec {
+                trust_domain: TRUST_DOMAIN.into(),
+                ca_lifetime: Duration::from_secs(3600),
+                svid_lifetime: Duration::from_secs(3600),
+                pops: vec!["chicago".into()],
+                stores: STORES
+                    .iter()
+                    .map(|(r, s)| (r.to_string(), s.to_string()))
+                    .collect(),
+            },
+        )?;
+        keys::generate(&root.join("keys"))?;
+        std::fs::write(root.join("task.toml"), TASK)?;
+        std::fs::write(
+            root.join("initial.safetensors"),
+            initial_weights().to_safetensors()?,
+        )?;
+        let mut text = format!(
+            r#"
+listen = "{listen}"
+identity_dir = "pki/core"
+state_dir = "state"
+model = "oj-demand"
+task = "task.toml"
+initial_model = "initial.safetensors"
+[registry]
+signing_key = "keys/registry.key"
+[rounds]
+count = 1
+fraction = 0.1
+min_cohort = 3
+over_selection = 1.0
+region_cap = 1.0
+min_online = 5
+online_window_s = 60
+selection_timeout_s = 5
+keys_s = 3
+shares_s = 3
+upload_s = 4
+unmask_s = 3
+evaluation_s = 5
+evaluators = 1
+regression_threshold = 0.5
+[aggregation]
+quant_bits = 8
+guard_bits = 2
+clip = 0.5
+expected_dropout = 0.1
+"#,
+            listen = free_port()
+        );
+        edit(&mut text);
+        std::fs::write(root.join("core.toml"), &text)?;
+        let config = Config::load(&root.join("core.toml"))?;
+        let running = service::start(config.clone()).await?;
+        let pop = pop_client(root, &running, "pop/chicago")?;
+        Ok(Self {
+            dir,
+            config,
+            running: Some(running),
+            pop,
+            rng: ChaCha20Rng::seed_from_u64(11),
+        })
+    }
+
+    /// Kills core and starts it again on the same state and address.
+    async fn restart(&mut self) -> Result<()> {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let running = service::start(self.config.clone()).await?;
+        self.pop = pop_client(self.dir.path(), &running, "pop/chicago")?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    fn client_as(&self, identity: &str) -> Result<Client> {
+        pop_client(
+            self.dir.path(),
+            self.running.as_ref().context("core stopped")?,
+            identity,
+        )
+    }
+
+    /// A request through the PoP, relaying for `store` if given.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        store: Option<&StoreId>,
+        header: Option<(&'static str, String)>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
+        call(&self.pop, method, path, store, header, body).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let (status, body) = self.call(Method::GET, path, None, None, Vec::new()).await?;
+        if status != StatusCode::OK {
+            bail!("GET {path}: {status} {}", String::from_utf8_lossy(&body));
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// Every store polls until the round is announced.
+    async fn announcement(&self) -> Result<RoundAnnouncement> {
+        for _ in 0..MAX_STEPS {
+            let mut found = None;
+            for (region, id) in STORES {
+                let store = StoreId(id.into());
+                let _ = region;
+                let (status, body) = self
+                    .call(Method::GET, wire::ROUND, Some(&store), None, Vec::new())
+                    .await?;
+                if status == StatusCode::OK {
+                    found = Some(serde_json::from_slice(&body)?);
+                }
+            }
+            if let Some(announcement) = found {
+                return Ok(announcement);
+            }
+            tokio::time::sleep(STEP).await;
+        }
+        bail!("no round announced")
+    }
+
+    async fn post_secagg(
+        &self,
+        round: RoundId,
+        store: &StoreId,
+        message: &StoreMessage,
+    ) -> Result<StatusCode> {
+        let body = serde_json::to_vec(message)?;
+        let (status, _) = self
+            .call(Method::POST, &wire::secagg(round), Some(store), None, body)
+            .await?;
+        Ok(status)
+    }
+
+    /// Polls a secure-aggregation step until core answers.
+    async fn poll_step(
+        &self,
+        round: RoundId,
+        step: SecAggStep,
+        store: &StoreId,
+    ) -> Result<CoreMessage> {
+        for _ in 0..MAX_STEPS {
+            let (status, body) = self
+                .call(
+                    Method::GET,
+                    &wire::secagg_step(round, step),
+                    Some(store),
+                    None,
+                    Vec::new(),
+                )
+                .await?;
+            match status {
+                StatusCode::OK => return Ok(serde_json::from_slice(&body)?),
+                StatusCode::NO_CONTENT => tokio::time::sleep(STEP).await,
+                other => bail!(
+                    "{step:?} for {store}: {other} {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            }
+        }
+        bail!("no {step:?} reply for {store}")
+    }
+
+    async fn status(&self) -> Result<serde_json::Value> {
+        self.get_json("/v1/status").await
+    }
+}
+
+fn pop_client(root: &Path, running: &Running, identity: &str) -> Result<Client> {
+    let source = FileSvidSource::load(SvidPaths::in_dir(&root.join("pki").join(identity)))?;
+    let core_id = format!("spiffe://{TRUST_DOMAIN}/core").parse()?;
+    let mut config = ClientConfig::new(running.quic_addr(), PeerPolicy::Exact(core_id));
+    config.tcp_addr = running.tcp_addr().context("no tcp listener")?;
+    Ok(Client::new(config, source)?)
+}
+
+async fn call(
+    client: &Client,
+    method: Method,
+    path: &str,
+    store: Option<&StoreId>,
+    header: Option<(&'static str, String)>,
+    body: Vec<u8>,
+) -> Result<(StatusCode, Bytes)> {
+    let mut headers = HeaderMap::new();
+    if let Some(store) = store {
+        let region = STORES
+            .iter()
+            .find(|(_, id)| *id == store.0)
+            .map_or("north", |(r, _)| *r);
+        let value = format!("spiffe://{TRUST_DOMAIN}/store/{region}/{}", store.0);
+        headers.insert(
+            HeaderName::from_static(wire::STORE_HEADER),
+            HeaderValue::from_str(&value)?,
+        );
+    }
+    if let Some((name, value)) = header {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(&value)?,
+        );
+    }
+    let response = client
+        .request(method, path, headers, SendBody::from_bytes(body))
+        .await?;
+    let status = response.status();
+    Ok((status, response.bytes(64 << 20).await?))
+}
+
+/// What the stores of a cohort hold across the protocol.
+struct Cohort {
+    plan: SecAggPlan,
+    sessions: Vec<(StoreId, StoreSession)>,
+}
+
+impl Mesh {
+    /// Steps 1 and 2: key adverts and encrypted shares for every cohort store.
+    async fn exchange_keys(&mut self, announcement: &RoundAnnouncement) -> Result<Cohort> {
+        let plan = SecAggPlan::new(announcement.plan.clone())?;
+        let round = announcement.round;
+        let mut sessions = Vec::new();
+        for store in plan.cohort().to_vec() {
+            let (session, advert) = StoreSession::new(plan.clone(), store.clone(), &mut self.rng)?;
+            let advert = advert.context("secure mode sends an advert")?;
+            let status = self
+                .post_secagg(round, &store, &StoreMessage::KeyAdvert(advert))
+                .await?;
+            assert_eq!(status, StatusCode::ACCEPTED);
+            sessions.push((store, session));
+        }
+        for (store, session) in &mut sessions {
+            let CoreMessage::NeighbourKeys(keys) =
+                self.poll_step(round, SecAggStep::Keys, store).await?
+            else {
+                bail!("keys step answered something else");
+            };
+            let shares = session.handle_neighbour_keys(&keys, &mut self.rng)?;
+            let status = self
+                .post_secagg(round, store, &StoreMessage::EncryptedShares(shares))
+                .await?;
+            assert_eq!(status, StatusCode::ACCEPTED);
+        }
+        Ok(Cohort { plan, sessions })
+    }
+
+    /// Steps 3 and 4: every store receives its shares, quantises and masks its update; the
+    /// PoP folds them and forwards one partial sum; then each store unmasks. Returns each
+    /// store's quantised update (ring values).
+    async fn upload_and_unmask(
+        &mut self,
+        round: RoundId,
+        cohort: &mut Cohort,
+    ) -> Result<Vec<Vec<u64>>> {
+        let mut builder = PartialSumBuilder::new(cohort.plan.clone());
+        let mut quantised = Vec::new();
+        let mut contributors = Vec::new();
+        for (store, session) in &mut cohort.sessions {
+            let CoreMessage::Shares(shares) =
+                self.poll_step(round, SecAggStep::Shares, store).await?
+            else {
+                bail!("shares step answered something else");
+            };
+            session.handle_shares(&shares)?;
+            let q = cohort.plan.quantise(&update_of(store), &mut self.rng)?;
+            quantised.push(q.values().to_vec());
+            builder.fold(&session.mask(&q)?)?;
+            let region = STORES
+                .iter()
+                .find(|(_, id)| *id == store.0)
+                .map_or("north", |(r, _)| *r);
+            contributors.push(Contribution {
+                store: store.clone(),
+                region: Region(region.into()),
+                examples: 100,
+                loss: 1.0,
+                bytes: 10,
+            });
+        }
+        let partial = builder.finish()?.context("a partial sum")?;
+        let header = PartialSumHeader {
+            round,
+            pop: "chicago".into(),
+            ring_bits: partial.vector.ring_bits,
+            len: partial.vector.len,
+            contributors,
+            rejected: BTreeMap::new(),
+        };
+        let (status, body) = self
+            .call(
+                Method::POST,
+                &wire::partial_sums(round),
+                None,
+                Some((wire::PARTIAL_SUM_HEADER, serde_json::to_string(&header)?)),
+                partial.vector.bytes.clone(),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let ack: PartialSumAck = serde_json::from_slice(&body)?;
+        assert_eq!(ack.accepted.len(), cohort.sessions.len());
+
+        for (store, session) in &mut cohort.sessions {
+            let CoreMessage::Unmask(request) =
+                self.poll_step(round, SecAggStep::Unmask, store).await?
+            else {
+                bail!("unmask step answered something else");
+            };
+            let response = session.handle_unmask_request(&request)?;
+            let status = self
+                .post_secagg(round, store, &StoreMessage::UnmaskResponse(response))
+                .await?;
+            assert_eq!(status, StatusCode::ACCEPTED);
+        }
+        Ok(quantised)
+    }
+
+    /// The held-out evaluators score the candidate once it is announced.
+    async fn evaluate(&self, round: RoundId, loss: f64) -> Result<String> {
+        for _ in 0..MAX_STEPS {
+            let announcement = self.announcement().await?;
+            if let Some(task) = announcement.evaluation {
+                for store in &task.evaluators {
+                    let report = EvaluationReport {
+                        round,
+                        candidate_sha256: task.candidate_sha256.clone(),
+                        examples: 50,
+                        loss,
+                    };
+                    let (status, body) = self
+                        .call(
+                            Method::POST,
+                            &wire::evaluation(round),
+                            Some(store),
+                            None,
+                            serde_json::to_vec(&report)?,
+                        )
+                        .await?;
+                    assert_eq!(
+                        status,
+                        StatusCode::ACCEPTED,
+                        "{}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                return Ok(task.candidate_sha256);
+            }
+            tokio::time::sleep(STEP).await;
+        }
+        bail!("the candidate was never sent for evaluation")
+    }
+
+    async fn wait_for_version(&self, version: u64) -> Result<()> {
+        for _ in 0..MAX_STEPS {
+            let pointer: ModelPointer = self.get_json(&wire::model_current("oj-demand")).await?;
+            if pointer.version == ModelVersion(version) {
+                return Ok(());
+            }
+            tokio::time::sleep(STEP).await;
+        }
+        bail!(
+            "version {version} never published: {}",
+            self.status().await?
+        )
+    }
+
+    /// The published version's shared parameters, after verifying it as a store does.
+    async fn published_shared(&self, version: u64) -> Result<Vec<f32>> {
+        let signed: SignedManifest = self
+            .get_json(&wire::model_version("oj-demand", ModelVersion(version)))
+            .await?;
+        let public = keys::read_verifying_key(&self.dir.path().join("keys/registry.pub"))?;
+        let manifest = verify_manifest(
+            &signed,
+            &public,
+            &ModelId("oj-demand".into()),
+            Some(ModelVersion(version)),
+        )?;
+        let (status, blob) = self
+            .call(
+                Method::GET,
+                &wire::blob(&manifest.blob_sha256),
+                None,
+                None,
+                Vec::new(),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(sha256_hex(&blob), manifest.blob_sha256);
+        let weights = Weights::from_safetensors(&blob)?;
+        assert_eq!(
+            weights.tensors()["head.weight"].1,
+            vec![3.0, 4.0],
+            "local head kept"
+        );
+        Ok(weights.shared_vector(&TaskFacts::parse(TASK)?))
+    }
+}
+
+/// The FedAvg of the quantised updates, by hand: the initial shared weights plus, per
+/// coordinate, the mean over stores of the centred ring value divided by the scale.
+fn expected_model(plan: &SecAggPlan, quantised: &[Vec<u64>]) -> Vec<f64> {
+    let task = TaskFacts::parse(TASK).unwrap();
+    let start = initial_weights().shared_vector(&task);
+    let n = quantised.len() as f64;
+    start
+        .iter()
+        .enumerate()
+        .map(|(j, &w)| {
+            let sum: f64 = quantised
+                .iter()
+                .map(|q| plan.centred(q[j]) as f64 / plan.scale())
+                .sum();
+            f64::from(w) + sum / n
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_publishes_the_fedavg_of_the_quantised_updates() -> Result<()> {
+    let mut mesh = Mesh::start(|_| {}).await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    assert_eq!(announcement.model_version, ModelVersion(0));
+    assert_eq!(announcement.plan.dimension, 8, "shared parameters only");
+    assert_eq!(announcement.task, TASK);
+
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.wait_for_version(1).await?;
+
+    // Core decodes sum/scale in f32 and adds the mean in f64 to f32 weights: a few f32
+    // ulps of values below 2, so 1e-5 is ample; and stochastic rounding keeps the
+    // quantised mean within one level (1/scale) of the mean of the raw updates.
+    let published = mesh.published_shared(1).await?;
+    let expected = expected_model(&cohort.plan, &quantised);
+    let start = initial_weights().shared_vector(&TaskFacts::parse(TASK)?);
+    for j in 0..8 {
+        let got = f64::from(published[j]);
+        assert!(
+            (got - expected[j]).abs() < 1e-5,
+            "coordinate {j}: {got} vs {}",
+            expected[j]
+        );
+        let raw_mean: f64 = cohort
+            .sessions
+            .iter()
+            .map(|(s, _)| f64::from(update_of(s)[j]))
+            .sum::<f64>()
+            / 3.0;
+        let level = 1.0 / cohort.plan.scale();
+        assert!((got - f64::from(start[j]) - raw_mean).abs() <= level + 1e-6);
+    }
+
+    // The operator's view.
+    let status = mesh.status().await?;
+    assert_eq!(status["rounds_completed"], 1);
+    assert_eq!(status["current_version"], 1);
+    let record = &status["history"][0];
+    assert_eq!(record["outcome"], "committed");
+    assert_eq!(record["cohort_size"], 3);
+    assert_eq!(record["dropouts"], 0);
+    assert_eq!(record["model_version"], 1);
+    assert_eq!(record["evaluation_loss"], 0.9);
+    let survivors: u64 = record["survivors_by_region"]
+        .as_object()
+        .context("by region")?
+        .values()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(survivors, 3);
+
+    // Receipts, the ledger and the metrics.
+    let member = cohort.sessions[0].0.clone();
+    let (_, body) = mesh
+        .call(
+            Method::GET,
+            &wire::receipt(round),
+            Some(&member),
+            None,
+            Vec::new(),
+        )
+        .await?;
+    let receipt: RoundReceipt = serde_json::from_slice(&body)?;
+    assert_eq!(receipt.status, ReceiptStatus::Included);
+    let ledger: wire::LedgerSnapshot = mesh.get_json(wire::LEDGER).await?;
+    assert!(
+        ledger.remaining[&member] < ledger.budget,
+        "survivors are charged"
+    );
+    let (_, metrics) = mesh
+        .call(Method::GET, wire::METRICS, None, None, Vec::new())
+        .await?;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("fedmesh_core_registry_version 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fedmesh_core_round_participants{region="),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejects_a_secagg_message_for_a_stale_round() -> Result<()> {
+    let mut mesh = Mesh::start(|_| {}).await?;
+    let announcement = mesh.announcement().await?;
+    let plan = SecAggPlan::new(announcement.plan.clone())?;
+    let store = plan.cohort()[0].clone();
+    let (_, advert) = StoreSession::new(plan, store.clone(), &mut mesh.rng)?;
+    let mut advert = advert.context("advert")?;
+    let stale = RoundId(announcement.round.0 + 7);
+    advert.round = stale;
+
+    let body = serde_json::to_vec(&StoreMessage::KeyAdvert(advert))?;
+    let (status, reply) = mesh
+        .call(Method::POST, &wire::secagg(stale), Some(&store), None, body)
+        .await?;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let error: ApiError = serde_json::from_slice(&reply)?;
+    assert_eq!(error.reason, "stale-round");
+    assert_eq!(mesh.status().await?["rejections"]["stale-round"], 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_store_header_from_a_peer_that_is_not_a_pop() -> Result<()> {
+    let mesh = Mesh::start(|_| {}).await?;
+    // A store dialling core directly and claiming to relay for another store.
+    let store = mesh.client_as("store/north/1")?;
+    let (status, body) = call(
+        &store,
+        Method::GET,
+        wire::ROUND,
+        Some(&StoreId("2".into())),
+        None,
+        Vec::new(),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let error: ApiError = serde_json::from_slice(&body)?;
+    assert_eq!(error.reason, "store-header-from-non-pop");
+    // The claimed store was not counted online.
+    assert_eq!(mesh.status().await?["online_stores"], 0);
+    // Operator routes stay open to any peer of the trust domain.
+    let (status, _) = call(&store, Method::GET, "/v1/status", None, None, Vec::new()).await?;
+    assert_eq!(status, StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_without_quorum_ends_abandoned() -> Result<()> {
+    let mut mesh = Mesh::start(|text| {
+        *text = text
+            .replace("keys_s = 3", "keys_s = 1")
+            .replace("shares_s = 3", "shares_s = 1")
+            .replace("upload_s = 4", "upload_s = 1");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let plan = SecAggPlan::new(announcement.plan.clone())?;
+    // Only one of the three selected stores ever speaks.
+    let store = plan.cohort()[0].clone();
+    let (_, advert) = StoreSession::new(plan, store.clone(), &mut mesh.rng)?;
+    let status = mesh
+        .post_secagg(
+            announcement.round,
+            &store,
+            &StoreMessage::KeyAdvert(advert.context("advert")?),
+        )
+        .await?;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    for _ in 0..MAX_STEPS {
+        let status = mesh.status().await?;
+        if status["rounds_abandoned"] == 1 {
+            let record = &status["history"][0];
+            assert_eq!(record["outcome"], "abandoned");
+            let reason = record["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("quorum not met"), "{reason}");
+            assert_eq!(status["abandoned_by_reason"]["quorum-not-met"], 1);
+            assert_eq!(status["current_version"], 0, "nothing published");
+            return Ok(());
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    bail!("the round never ended: {}", mesh.status().await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_resumes_after_core_restarts_mid_round() -> Result<()> {
+    let mut mesh = Mesh::start(|text| {
+        *text = text.replace("upload_s = 4", "upload_s = 10");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+
+    // Core dies after the shares were exchanged and before any upload.
+    mesh.restart().await?;
+    let status = mesh.status().await?;
+    assert_eq!(status["round"]["id"], round.0, "the same round is open");
+    // Stores keep polling the announcement, which marks them online again.
+    assert_eq!(mesh.announcement().await?.round, round);
+
+    // The stores carry on where they were: the replies they poll for are still there.
+    let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.wait_for_version(1).await?;
+    let published = mesh.published_shared(1).await?;
+    let expected = expected_model(&cohort.plan, &quantised);
+    for j in 0..8 {
+        assert!(
+            (f64::from(published[j]) - expected[j]).abs() < 1e-5,
+            "coordinate {j}"
+        );
+    }
+    let status = mesh.status().await?;
+    assert_eq!(status["rounds_completed"], 1);
+    assert_eq!(status["rounds_abandoned"], 0);
+    Ok(())
+}
