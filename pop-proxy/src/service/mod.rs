@@ -291,7 +291,14 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
             message: e.to_string(),
         }
     })?;
-    let trust_domain = identity.svid().spiffe_id().trust_domain().to_string();
+    let own_id = identity.svid().spiffe_id().clone();
+    if own_id.path() != format!("/pop/{}", config.metro) {
+        return Err(ServeError::Identity {
+            dir: config.identity_dir.clone(),
+            message: format!("svid {own_id} is not the pop of metro {}", config.metro),
+        });
+    }
+    let trust_domain = own_id.trust_domain().to_string();
     let policy = Arc::new(PolicyGate::open(&config.policy)?);
     let rounds = Rounds::recover(&config.state_dir, &config.metro)?;
 

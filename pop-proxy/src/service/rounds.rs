@@ -263,12 +263,17 @@ impl Rounds {
             .filter(|(id, state)| **id < round && !pending.contains(id) && state.open.is_none())
             .map(|(id, _)| *id)
             .collect();
-        for id in old {
+        let forgotten: Vec<RoundId> = self
+            .recovered
+            .keys()
+            .filter(|id| **id < round && !pending.contains(id))
+            .copied()
+            .collect();
+        for id in old.into_iter().chain(forgotten) {
             self.rounds.remove(&id);
+            self.recovered.remove(&id);
             self.remove_part_dirs(id);
         }
-        self.recovered
-            .retain(|id, _| *id >= round || pending.contains(id));
     }
 
     fn remove_part_dirs(&self, round: RoundId) {
