@@ -128,11 +128,15 @@ fn run(paths: &[PathBuf]) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let (stop, shutdown) = watch::channel(false);
         let mut stores = tokio::spawn(daemon::run(configs, shutdown));
         tokio::select! {
-            ended = &mut stores => return ended.context("store tasks panicked")?.map(|()| ExitCode::SUCCESS).map_err(Into::into),
+            // The stores ended by themselves: a store failed to start, or none was given.
+            ended = &mut stores => {
+                ended.context("store tasks panicked")??;
+                return Ok(ExitCode::SUCCESS);
+            }
             () = terminated() => {}
         }
         tracing::info!("stopping: finishing uploads at hand, leaving the rest queued");
@@ -142,7 +146,11 @@ fn run(paths: &[PathBuf]) -> Result<ExitCode> {
             Err(_) => tracing::warn!("stores did not stop in time; their updates stay queued"),
         }
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Training still running on the blocking pool is abandoned: its update was never
+    // queued, so nothing is lost, and the round is not joined again.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    outcome
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -170,7 +170,10 @@ fn store_of(request: &Request) -> Option<StoreId> {
 
 fn fake_pop_router(state: Shared) -> Router {
     let s = state.clone();
-    let router = Router::new().route(Method::GET, wire::ROUND, move |_r: Request| {
+    let router = Router::new().route(Method::GET, wire::HEALTH, |_r: Request| async {
+        Response::text(StatusCode::OK, "ok")
+    });
+    let router = router.route(Method::GET, wire::ROUND, move |_r: Request| {
         let round = lock(&s).round.clone();
         async move {
             match round {
@@ -1188,4 +1191,77 @@ fn three_hosted_stores_complete_a_secure_round_whose_unmasked_sum_is_their_delta
         far > DIMENSION as usize / 2,
         "only {far} coordinates look masked"
     );
+}
+
+/// Runs the `store-agent` binary with `args`.
+fn store_agent(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_store-agent"));
+    command.args(args);
+    command
+}
+
+#[test]
+fn sigterm_stops_the_agent_cleanly_and_leaves_the_unsettled_update_queued() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    bed.config("2", "00:00-24:00", "");
+    let config = bed.root().join("store-2.toml");
+    bed.announce(1, ModelVersion(0), &["2"], TASK);
+    let mut child = store_agent(&["run", "--config", config.to_str().expect("utf-8")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starts");
+    wait_for(25, "the upload", || bed.pop().uploads.len() == 1);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(term.success());
+    let until = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waits") {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("the agent did not stop within 15 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    // Core has not settled the round: the update stays queued for the next start.
+    assert_eq!(queued_files(&bed, "2").len(), 1);
+
+    // `status` reads the same state without disturbing it.
+    let output = store_agent(&[
+        "status",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--json",
+    ])
+    .output()
+    .expect("status runs");
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(report["spiffe_id"], "spiffe://fedmesh.test/store/north/2");
+    assert!(report["identity_expires"].is_string(), "{report}");
+    assert_eq!(report["pop_reachable"], true, "{report}");
+    assert_eq!(report["pop_protocol"], "HTTP/3", "{report}");
+    assert_eq!(report["model_version"], 0);
+    assert_eq!(report["window_open"], true);
+    assert_eq!(
+        report["queued"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(report["queued"][0]["state"], "sent", "{report}");
+    assert_eq!(report["epsilon_spent"], 0.0);
+    assert_eq!(report["epsilon_left"], 8.0);
+    assert_eq!(queued_files(&bed, "2").len(), 1);
+    let text = store_agent(&["status", "--config", config.to_str().expect("utf-8")])
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("pop: reachable over HTTP/3"), "{text}");
+    assert!(text.contains("queued updates: 1"), "{text}");
 }

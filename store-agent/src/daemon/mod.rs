@@ -71,10 +71,25 @@ pub async fn run(
     configs: Vec<AgentConfig>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), DaemonError> {
-    // 1. The machine, once: libtorch's threads are process-wide.
+    // 1. Stores share nothing on disk: two with one state directory would share a queue.
     let Some(first) = configs.first() else {
         return Ok(());
     };
+    for (i, config) in configs.iter().enumerate() {
+        let clash = configs[..i]
+            .iter()
+            .find(|other| other.state.dir == config.state.dir || other.store.id == config.store.id);
+        if let Some(other) = clash {
+            return Err(DaemonError::Config(format!(
+                "stores {} and {} share a store id or state.dir {}",
+                other.store.id,
+                config.store.id,
+                config.state.dir.display()
+            )));
+        }
+    }
+
+    // 2. The machine, once: libtorch's threads are process-wide.
     let mut resources = first.resources.clone();
     resources.threads = configs
         .iter()
@@ -89,14 +104,16 @@ pub async fn run(
         hardware.cores = hardware.cores,
         hardware.memory_available_mib = hardware.memory_available_mib,
         device = ?hardware.device,
+        precision = if hardware.precision_bf16 { "bf16" } else { "f32" },
         threads = hardware.threads,
+        batch_cap = hardware.batch_cap,
         training_memory_mib = hardware.training_memory_mib,
         stores = configs.len(),
         "hardware detected"
     );
     let trainers = Arc::new(Semaphore::new(hardware.threads.max(1)));
 
-    // 2. Every store opens before any runs, so a bad config stops the process whole.
+    // 3. Every store opens before any runs, so a bad config stops the process whole.
     let mut agents = Vec::with_capacity(configs.len());
     for config in configs {
         agents.push(StoreAgent::open(config, Arc::clone(&hardware), Arc::clone(&trainers)).await?);
