@@ -281,7 +281,7 @@ mod tests {
         assert!(config.admin_listen.is_some());
         assert_eq!(
             config.policy.data.min_runtime_version.as_deref(),
-            Some("1.4.2")
+            Some("0.1.0")
         );
     }
 
@@ -297,8 +297,8 @@ mod tests {
     #[test]
     fn bad_value_names_its_key() {
         let text = EXAMPLE.replace(
-            "min_runtime_version = \"1.4.2\"",
-            "min_runtime_version = \"1.4\"",
+            "min_runtime_version = \"0.1.0\"",
+            "min_runtime_version = \"0.1\"",
         );
         let err = Config::parse(&text, Path::new("pop.toml")).unwrap_err();
         assert!(
