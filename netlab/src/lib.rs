@@ -7,4 +7,5 @@
 
 pub mod anycast;
 pub mod relay;
+pub mod scenario;
 pub mod wan;
