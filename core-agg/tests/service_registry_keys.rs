@@ -150,3 +150,29 @@ fn keygen_never_overwrites_a_key_and_bad_key_files_are_named() {
     assert!(message.contains("bad.pub"), "{message}");
     assert!(message.contains("found 2 bytes"), "{message}");
 }
+
+#[test]
+fn publish_refuses_a_dp_figure_that_is_not_finite_before_signing() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::new(
+        EmbeddedBackend::open(dir.path()).unwrap(),
+        ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
+    );
+    for value in [f64::INFINITY, f64::NAN] {
+        let mut unbounded = candidate();
+        unbounded.dp.epsilon = value;
+        let refused = registry.publish(&unbounded, 0.02, Timestamp(1));
+        assert!(
+            matches!(
+                refused,
+                Err(RegistryError::NonFiniteDp {
+                    field: "epsilon",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+    }
+    // Nothing was stored.
+    assert!(registry.backend().versions(&model()).unwrap().is_empty());
+}

@@ -119,6 +119,14 @@ pub enum RegistryError {
         /// Its value.
         value: f64,
     },
+    /// A DP figure is not a finite number; JSON cannot carry it, so it is never signed.
+    #[error("dp.{field} is {value}, not a finite number")]
+    NonFiniteDp {
+        /// The field of [`DpSpend`].
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
     /// A rollback target is not an ancestor of the current version.
     #[error("{model} {version} is not on the parent chain of current {current}")]
     NotAnAncestor {
@@ -295,8 +303,8 @@ impl<B: Backend> Registry<B> {
     ///
     /// # Errors
     ///
-    /// [`RegistryError::NonFiniteMetric`] before anything is stored when a metric is NaN
-    /// or infinite, [`RegistryError::Regressed`] when the version was recorded but not
+    /// [`RegistryError::NonFiniteMetric`] or [`RegistryError::NonFiniteDp`] before anything
+    /// is stored when a metric or a DP figure is NaN or infinite, [`RegistryError::Regressed`] when the version was recorded but not
     /// promoted, [`RegistryError::Conflict`] when the current pointer is no longer
     /// `parent`, and storage errors.
     pub fn publish(
@@ -316,6 +324,16 @@ impl<B: Backend> Registry<B> {
                 metric: metric.clone(),
                 value,
             });
+        }
+        let dp = &candidate.dp;
+        let figures = [
+            ("noise_multiplier", dp.noise_multiplier),
+            ("clip_norm", dp.clip_norm),
+            ("delta", dp.delta),
+            ("epsilon", dp.epsilon),
+        ];
+        if let Some(&(field, value)) = figures.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(RegistryError::NonFiniteDp { field, value });
         }
         let model = &candidate.model;
         let current = self.backend.current(model)?;

@@ -177,18 +177,25 @@ impl Persisted {
             })
     }
 
-    /// Replaces `path` atomically.
+    /// Replaces `path` atomically, unless the state equals `last_saved` (what the last
+    /// call wrote, which it updates): the driver saves after every tick, and most ticks
+    /// change nothing.
     ///
     /// # Errors
     ///
     /// [`StateError::Io`].
-    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+    pub fn save(&self, path: &Path, last_saved: &mut Vec<u8>) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: path.to_owned(),
             source,
         };
         let json = serde_json::to_vec(self).map_err(|e| io(std::io::Error::other(e)))?;
-        crate::atomic_write(path, &json).map_err(io)
+        if json == *last_saved {
+            return Ok(());
+        }
+        crate::atomic_write(path, &json).map_err(io)?;
+        *last_saved = json;
+        Ok(())
     }
 }
 
