@@ -128,6 +128,8 @@ struct PopState {
     uploads: Vec<(StoreId, UpdateHeader, Vec<u8>)>,
     /// Every PUT, re-sends included.
     puts: usize,
+    /// Answer uploads `503` without holding them, as a PoP that lost core would.
+    refuse_uploads: bool,
     receipt: BTreeMap<(u64, String), ReceiptStatus>,
     evaluations: Vec<EvaluationReport>,
     /// Core's side of a secure round, when the test runs one.
@@ -338,6 +340,9 @@ async fn accept_update(state: &Shared, r: Request) -> Response {
     let body = r.into_body().to_bytes(16 << 20).await.unwrap_or_default();
     let mut pop = lock(state);
     pop.puts += 1;
+    if pop.refuse_uploads {
+        return Response::new(StatusCode::SERVICE_UNAVAILABLE, SendBody::empty());
+    }
     let seen = pop
         .uploads
         .iter()
@@ -1022,6 +1027,39 @@ fn killed_after_queueing_a_store_resends_once_and_settles_after_the_receipt() {
         .filter(|l| l["event"] == "round_joined")
         .count();
     assert_eq!(joins, 1, "round 1 is joined once across the restart");
+}
+
+#[test]
+fn killed_before_any_pop_held_its_update_a_store_delivers_it_once_after_restart() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    let config = bed.config("2", "00:00-24:00", "");
+    bed.announce(1, ModelVersion(0), &["2"], TASK);
+    bed.pop().refuse_uploads = true;
+
+    // 1. The update is built and queued, but the PoP will not hold it; the store keeps
+    //    trying (with backoff) until it is killed.
+    let agent = Agent::start(vec![config.clone()]);
+    wait_for(25, "refused attempts", || bed.pop().puts >= 2);
+    assert_eq!(queued_files(&bed, "2").len(), 1);
+    agent.kill();
+    assert!(bed.pop().uploads.is_empty());
+
+    // 2. Restarted, with the PoP healthy again: delivered once, settled on the receipt.
+    bed.pop().refuse_uploads = false;
+    let agent = Agent::start(vec![config]);
+    wait_for(15, "the upload", || bed.pop().uploads.len() == 1);
+    bed.set_receipt(1, "2", ReceiptStatus::Included);
+    wait_for(10, "the queue to settle", || {
+        queued_files(&bed, "2").is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop();
+    assert_eq!(bed.pop().uploads.len(), 1);
+    let lines = audit_lines(&bed, "2");
+    let count = |event: &str| lines.iter().filter(|l| l["event"] == event).count();
+    assert_eq!((count("round_joined"), count("update_queued")), (1, 1));
+    assert_eq!(count("upload_confirmed"), 1);
 }
 
 #[test]

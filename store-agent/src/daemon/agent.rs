@@ -188,9 +188,11 @@ impl StoreAgent {
                     .last_joined_round
                     .is_none_or(|j| round.round.0 > j);
             if fresh {
-                self.decided = Some(round.round.0);
-                if let Err(Stop::Shutdown) = self.take_part(round, shutdown).await {
-                    return Ok(());
+                let previous = self.decided.replace(round.round.0);
+                match self.take_part(round, shutdown).await {
+                    Ok(true) => {}
+                    Ok(false) => self.decided = previous,
+                    Err(Stop::Shutdown) => return Ok(()),
                 }
             }
         }

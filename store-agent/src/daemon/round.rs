@@ -38,6 +38,8 @@ const DEADLINE_SLACK_MS: u64 = 2_000;
 
 /// How a round ended for the store, as logged.
 enum Outcome {
+    /// Nothing was joined and the PoP did not answer: decide again at the next poll.
+    Retry(String),
     Declined(String),
     Failed(String),
     Uploaded,
@@ -53,15 +55,21 @@ struct Trained {
 }
 
 impl StoreAgent {
-    /// Takes part in `round` if the store should; logs and audits the outcome.
+    /// Takes part in `round` if the store should; logs and audits the outcome. Returns
+    /// whether the round is decided (false: ask again at the next poll).
     pub(super) async fn take_part(
         &mut self,
         round: &RoundAnnouncement,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<(), Stop> {
+    ) -> Result<bool, Stop> {
         let outcome = self.round_steps(round, shutdown).await?;
         let round_id = round.round.0;
         match &outcome {
+            Outcome::Retry(reason) => {
+                tracing::debug!(store.id = %self.store, round.id = round_id, reason = %reason,
+                    "round not decided yet");
+                return Ok(false);
+            }
             Outcome::Declined(reason) => {
                 self.record(AuditEvent::RoundDeclined {
                     round: round_id,
@@ -83,7 +91,7 @@ impl StoreAgent {
                     outcome = "queued", "update queued, not yet held by a pop");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn round_steps(
@@ -137,6 +145,9 @@ impl StoreAgent {
         let model = match models::fetch_verified(&self.pop, &self.key, &self.dir, last, round).await
         {
             Ok(model) => model,
+            Err(ModelRefused::Fetch(err)) if err.is_transient() => {
+                return Ok(Outcome::Retry(format!("model fetch failed: {err}")));
+            }
             Err(ModelRefused::Fetch(err)) => {
                 return Ok(Outcome::Failed(format!("model fetch failed: {err}")));
             }
@@ -278,11 +289,9 @@ impl StoreAgent {
             return Ok(Ok(session));
         };
         let path = wire::secagg(round.round);
-        if let Err(e) = self
-            .pop
-            .post_json(&path, &StoreMessage::KeyAdvert(advert))
-            .await
-        {
+        let msg = StoreMessage::KeyAdvert(advert);
+        let posted = self.post_step(&path, &msg, round.deadlines.keys_ms, shutdown);
+        if let Err(e) = posted.await? {
             return Ok(Err(format!("key advert: {e}")));
         }
         let keys = self
@@ -299,7 +308,8 @@ impl StoreAgent {
             Err(e) => return Ok(Err(format!("neighbour keys: {e}"))),
         };
         let msg = StoreMessage::EncryptedShares(shares);
-        if let Err(e) = self.pop.post_json(&path, &msg).await {
+        let posted = self.post_step(&path, &msg, round.deadlines.shares_ms, shutdown);
+        if let Err(e) = posted.await? {
             return Ok(Err(format!("encrypted shares: {e}")));
         }
         let shares = self
@@ -344,11 +354,40 @@ impl StoreAgent {
             Err(e) => return Ok(Err(format!("unmask request refused: {e}"))),
         };
         let msg = StoreMessage::UnmaskResponse(response);
-        Ok(self
-            .pop
-            .post_json(&wire::secagg(round.round), &msg)
-            .await
-            .map_err(|e| e.to_string()))
+        let path = wire::secagg(round.round);
+        let posted = self.post_step(&path, &msg, round.deadlines.unmask_ms, shutdown);
+        Ok(posted.await?.map_err(|e| e.to_string()))
+    }
+
+    /// Posts a secure-aggregation message, again after transient failures until the phase
+    /// deadline (plus slack). A `409` after a failed attempt means the first attempt
+    /// reached core and only its answer was lost: core refuses a repeated message.
+    async fn post_step(
+        &self,
+        path: &str,
+        msg: &StoreMessage,
+        deadline_ms: u64,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Result<(), PopError>, Stop> {
+        let mut retried = false;
+        loop {
+            if *shutdown.borrow() {
+                return Err(Stop::Shutdown);
+            }
+            match self.pop.post_json(path, msg).await {
+                Ok(()) => return Ok(Ok(())),
+                Err(PopError::Refused { status, .. })
+                    if retried && status == http::StatusCode::CONFLICT =>
+                {
+                    return Ok(Ok(()));
+                }
+                Err(e) if e.is_transient() && now_ms() <= deadline_ms + DEADLINE_SLACK_MS => {
+                    retried = true;
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+            tokio::time::sleep(self.poll_wait()).await;
+        }
     }
 
     /// Polls one secure-aggregation step until core answers, the deadline (plus slack)
