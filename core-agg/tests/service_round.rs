@@ -26,12 +26,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 const TRUST_DOMAIN: &str = "fedmesh.test";
-const STORES: [(&str, &str); 5] = [
+const STORES: [(&str, &str); 7] = [
     ("north", "1"),
     ("north", "2"),
     ("north", "3"),
-    ("south", "4"),
+    ("north", "4"),
     ("south", "5"),
+    ("south", "6"),
+    ("south", "7"),
 ];
 /// Each poll loop waits at most this many steps of [`STEP`].
 const MAX_STEPS: usize = 200;
@@ -256,8 +258,9 @@ expected_dropout = 0.1
                 StatusCode::OK => return Ok(serde_json::from_slice(&body)?),
                 StatusCode::NO_CONTENT => tokio::time::sleep(STEP).await,
                 other => bail!(
-                    "{step:?} for {store}: {other} {}",
-                    String::from_utf8_lossy(&body)
+                    "{step:?} for {store}: {other} {}; status {}",
+                    String::from_utf8_lossy(&body),
+                    self.status().await?
                 ),
             }
         }
@@ -421,29 +424,30 @@ impl Mesh {
         for _ in 0..MAX_STEPS {
             let announcement = self.announcement().await?;
             if let Some(task) = announcement.evaluation {
-                for store in &task.evaluators {
-                    let report = EvaluationReport {
-                        round,
-                        candidate_sha256: task.candidate_sha256.clone(),
-                        examples: 50,
-                        loss,
-                    };
-                    let (status, body) = self
-                        .call(
-                            Method::POST,
-                            &wire::evaluation(round),
-                            Some(store),
-                            None,
-                            serde_json::to_vec(&report)?,
-                        )
-                        .await?;
-                    assert_eq!(
-                        status,
-                        StatusCode::ACCEPTED,
-                        "{}",
-                        String::from_utf8_lossy(&body)
-                    );
-                }
+                // One report is the configured minimum: the round may publish and close
+                // before the other evaluators report, and a late report finds it closed.
+                let store = task.evaluators.first().context("an evaluator")?;
+                let report = EvaluationReport {
+                    round,
+                    candidate_sha256: task.candidate_sha256.clone(),
+                    examples: 50,
+                    loss,
+                };
+                let (status, body) = self
+                    .call(
+                        Method::POST,
+                        &wire::evaluation(round),
+                        Some(store),
+                        None,
+                        serde_json::to_vec(&report)?,
+                    )
+                    .await?;
+                assert_eq!(
+                    status,
+                    StatusCode::ACCEPTED,
+                    "{}",
+                    String::from_utf8_lossy(&body)
+                );
                 return Ok(task.candidate_sha256);
             }
             tokio::time::sleep(STEP).await;
@@ -723,5 +727,52 @@ async fn a_round_resumes_after_core_restarts_mid_round() -> Result<()> {
     let status = mesh.status().await?;
     assert_eq!(status["rounds_completed"], 1);
     assert_eq!(status["rounds_abandoned"], 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_drops_after_sharing_is_unmasked_and_left_out() -> Result<()> {
+    // Four reports are enough and five stores are selected, so one may drop (five stores
+    // share among all four others with threshold 3; three stores could lose none).
+    let mut mesh = Mesh::start(|text| {
+        *text = text
+            .replace("min_cohort = 3", "min_cohort = 4")
+            .replace("over_selection = 1.0", "over_selection = 1.25");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    assert_eq!(announcement.plan.cohort.len(), 5);
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+
+    // The last store shared its keys, then vanished: its pairwise masks are removed with
+    // the key shares its neighbours hold.
+    let (dropped, _) = cohort.sessions.pop().context("a cohort")?;
+    let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.wait_for_version(1).await?;
+
+    let published = mesh.published_shared(1).await?;
+    let expected = expected_model(&cohort.plan, &quantised);
+    for j in 0..8 {
+        assert!(
+            (f64::from(published[j]) - expected[j]).abs() < 1e-5,
+            "coordinate {j}"
+        );
+    }
+    let record = &mesh.status().await?["history"][0];
+    assert_eq!(record["dropouts"], 1);
+    assert_eq!(record["cohort_size"], 5);
+    let (_, body) = mesh
+        .call(
+            Method::GET,
+            &wire::receipt(round),
+            Some(&dropped),
+            None,
+            Vec::new(),
+        )
+        .await?;
+    let receipt: RoundReceipt = serde_json::from_slice(&body)?;
+    assert_eq!(receipt.status, ReceiptStatus::NotIncluded);
     Ok(())
 }
