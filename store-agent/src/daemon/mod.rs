@@ -13,6 +13,7 @@
 //! the next round.
 
 pub mod agent;
+mod evaluate;
 pub mod hardware;
 pub mod models;
 pub mod pop;

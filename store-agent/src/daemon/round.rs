@@ -1,15 +1,15 @@
 //! One round at a store, MESH step 3: decide, fetch and verify the model, run the
 //! secure-aggregation steps, train, build the masked update, queue it, send it, answer
-//! the unmask request. Candidate evaluation lives here too.
+//! the unmask request.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedmesh_protocol::params::Scope;
-use fedmesh_protocol::secagg::{Masking, SecAggPlan, StoreSession};
+use fedmesh_protocol::secagg::{Masking, PackedVector, SecAggPlan, StoreSession};
 use fedmesh_protocol::update::clip_l2;
 use fedmesh_protocol::wire::{
-    self, CoreMessage, EvaluationReport, RoundAnnouncement, SecAggStep, StoreMessage, UpdateHeader,
+    self, CoreMessage, RoundAnnouncement, SecAggStep, StoreMessage, UpdateHeader,
 };
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -20,15 +20,15 @@ use tokio::sync::watch;
 
 use super::agent::{Stop, StoreAgent};
 use super::envelope;
+use super::evaluate::{mean_loss, normalised};
 use super::hardware::Hardware;
-use super::models::{self, ModelRefused};
+use super::models::{self, ModelRefused, VerifiedModel};
 use super::pop::PopError;
-use crate::Examples;
 use crate::audit::AuditEvent;
 use crate::ingest::StoreData;
 use crate::participation::{self, RoundAsk, StoreState};
 use crate::pipeline::layout_of;
-use crate::queue::UpdateMeta;
+use crate::queue::{QueuedUpdate, UpdateMeta};
 use crate::task::TaskConfig;
 use crate::train::{self, TrainError, TrainReport};
 use crate::weights::Weights;
@@ -99,16 +99,75 @@ impl StoreAgent {
         round: &RoundAnnouncement,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Outcome, Stop> {
-        // 1. Decide: selected, runtime, window, budget.
-        let task = match self.read_task(round) {
+        // 1. Decide: selected, runtime, window, budget, still in time.
+        let task = match self.decide(round) {
             Ok(task) => task,
+            Err(outcome) => return Ok(outcome),
+        };
+
+        // 2. The model, verified; from here on the round counts as joined.
+        let model = match self.join(round).await {
+            Ok(model) => model,
+            Err(outcome) => return Ok(outcome),
+        };
+
+        // 3. Secure aggregation up to masking (in plain mode there is nothing to agree).
+        let plan = match SecAggPlan::new(round.plan.clone()) {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Outcome::Failed(format!("plan refused: {e}"))),
+        };
+        let mut session = match self.agree(plan, round, shutdown).await? {
+            Ok(session) => session,
             Err(reason) => return Ok(Outcome::Failed(reason)),
         };
-        let selected = round.plan.cohort.contains(&self.store);
-        let min_runtime = match semver::Version::parse(&round.min_runtime) {
-            Ok(v) => v,
-            Err(e) => return Ok(Outcome::Failed(format!("min_runtime: {e}"))),
+
+        // 4. Train in the shared pool. Stopping now leaves nothing behind: the update was
+        //    never built, so it never leaves the store.
+        let trained = match self.train(task.clone(), model.weights).await {
+            Ok(trained) => trained,
+            Err(reason) => return Ok(Outcome::Failed(reason)),
         };
+        if *shutdown.borrow() {
+            return Err(Stop::Shutdown);
+        }
+        if let Err(reason) = self.account(round.round.0, round.model_version.0, &trained) {
+            return Ok(Outcome::Failed(reason));
+        }
+
+        // 5. Clip, quantise, mask, pack; queue durably before anything is sent.
+        let entry = match self.build(&task, &trained, &mut session) {
+            Ok(masked) => self.queue_update(round, &trained, &masked),
+            Err(reason) => Err(Outcome::Failed(reason)),
+        };
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(outcome) => return Ok(outcome),
+        };
+
+        // 6. Send; a failed send stays queued and the loop sends it again.
+        let sent = self.send_entry(&entry).await;
+        if *shutdown.borrow() {
+            return Err(Stop::Shutdown);
+        }
+
+        // 7. Unmask: release the shares core asks for.
+        if session.plan().masking() == Masking::Secure
+            && let Err(reason) = self.unmask(&mut session, round, shutdown).await?
+        {
+            tracing::warn!(store.id = %self.store, round.id = round.round.0,
+                reason = %reason, "unmask step not answered");
+        }
+        Ok(match sent {
+            Ok(()) => Outcome::Uploaded,
+            Err(_) => Outcome::Queued,
+        })
+    }
+
+    /// The task to train, or why the store does not take part.
+    fn decide(&self, round: &RoundAnnouncement) -> Result<TaskConfig, Outcome> {
+        let task = self.read_task(round).map_err(Outcome::Failed)?;
+        let min_runtime = semver::Version::parse(&round.min_runtime)
+            .map_err(|e| Outcome::Failed(format!("min_runtime: {e}")))?;
         let store = StoreState {
             runtime: &self.runtime,
             window: &self.window,
@@ -118,50 +177,54 @@ impl StoreAgent {
             examples: self.data.train.len(),
         };
         let ask = RoundAsk {
-            selected,
+            selected: round.plan.cohort.contains(&self.store),
             min_runtime: &min_runtime,
             epochs: task.training.epochs,
             dp: task.training.dp.as_ref(),
         };
         match participation::decide(&store, &ask, jiff::Timestamp::now()) {
             Ok(Ok(_)) => {}
-            Ok(Err(decline)) => return Ok(Outcome::Declined(decline.to_string())),
-            Err(e) => return Ok(Outcome::Failed(format!("plan's dp settings: {e}"))),
+            Ok(Err(decline)) => return Err(Outcome::Declined(decline.to_string())),
+            Err(e) => return Err(Outcome::Failed(format!("plan's dp settings: {e}"))),
         }
-        let due = match round.mode {
-            wire::AggregationMode::Secure if round.plan.masking == Masking::Secure => {
-                round.deadlines.keys_ms
-            }
-            _ => round.deadlines.upload_ms,
+        // A secure round is joined by advertising keys; a plain one by uploading.
+        let due = match round.plan.masking {
+            Masking::Secure => round.deadlines.keys_ms,
+            Masking::Plain => round.deadlines.upload_ms,
         };
         if now_ms() > due {
-            return Ok(Outcome::Declined(
-                "joined too late: the round is past its deadline".into(),
-            ));
+            let reason = "joined too late: the round is past its deadline";
+            return Err(Outcome::Declined(reason.into()));
         }
+        Ok(task)
+    }
 
-        // 2. The model, verified; a refused one leaves the last good model in place.
+    /// Fetches and verifies the round's model, then records the round as joined: in the
+    /// state (never joined twice), the kept models and the audit log. A refused model
+    /// leaves the last good one in place.
+    async fn join(&mut self, round: &RoundAnnouncement) -> Result<VerifiedModel, Outcome> {
         let last = self.state.last_trained_version;
-        let model = match models::fetch_verified(&self.pop, &self.key, &self.dir, last, round).await
-        {
+        let fetched = models::fetch_verified(&self.pop, &self.key, &self.dir, last, round).await;
+        let model = match fetched {
             Ok(model) => model,
             Err(ModelRefused::Fetch(err)) if err.is_transient() => {
-                return Ok(Outcome::Retry(format!("model fetch failed: {err}")));
+                return Err(Outcome::Retry(format!("model fetch failed: {err}")));
             }
             Err(ModelRefused::Fetch(err)) => {
-                return Ok(Outcome::Failed(format!("model fetch failed: {err}")));
+                return Err(Outcome::Failed(format!("model fetch failed: {err}")));
             }
             Err(refused) => {
                 tracing::warn!(store.id = %self.store, round.id = round.round.0,
                     model.version = round.model_version.0, error = %refused, "model refused");
-                return Ok(Outcome::Declined(format!("model refused: {refused}")));
+                return Err(Outcome::Declined(format!("model refused: {refused}")));
             }
         };
+
         let previous = self.state.last_good_model.replace(model.reference.clone());
         self.state.last_joined_round = Some(round.round.0);
-        if let Err(e) = self.dir.save(&self.state) {
-            return Ok(Outcome::Failed(e.to_string()));
-        }
+        self.dir
+            .save(&self.state)
+            .map_err(|e| Outcome::Failed(e.to_string()))?;
         let keep: Vec<&str> = [Some(&model.reference), previous.as_ref()]
             .into_iter()
             .flatten()
@@ -170,6 +233,7 @@ impl StoreAgent {
         if let Err(e) = self.dir.prune_models(&keep) {
             tracing::warn!(store.id = %self.store, error = %e, "cannot prune old models");
         }
+
         let round_id = round.round.0;
         self.record(AuditEvent::RoundJoined {
             round: round_id,
@@ -185,34 +249,16 @@ impl StoreAgent {
             round: round_id,
             sha256: round.task_sha256.clone(),
         });
+        Ok(model)
+    }
 
-        // 3. Secure aggregation up to masking (in plain mode there is nothing to agree).
-        let plan = match SecAggPlan::new(round.plan.clone()) {
-            Ok(plan) => plan,
-            Err(e) => return Ok(Outcome::Failed(format!("plan refused: {e}"))),
-        };
-        let mut session = match self.agree(plan, round, shutdown).await? {
-            Ok(session) => session,
-            Err(reason) => return Ok(Outcome::Failed(reason)),
-        };
-
-        // 4. Train in the shared pool.
-        let trained = match self.train(task.clone(), model.weights).await {
-            Ok(trained) => trained,
-            Err(reason) => return Ok(Outcome::Failed(reason)),
-        };
-        if *shutdown.borrow() {
-            return Err(Stop::Shutdown);
-        }
-        if let Err(reason) = self.account(round_id, round.model_version.0, &trained) {
-            return Ok(Outcome::Failed(reason));
-        }
-
-        // 5. Clip, quantise, mask, pack; queue durably before anything is sent.
-        let masked = match self.build(&task, &trained, &mut session) {
-            Ok(masked) => masked,
-            Err(reason) => return Ok(Outcome::Failed(reason)),
-        };
+    /// Writes the masked update, with the header it goes out with, to the upload queue.
+    fn queue_update(
+        &mut self,
+        round: &RoundAnnouncement,
+        trained: &Trained,
+        masked: &PackedVector,
+    ) -> Result<QueuedUpdate, Outcome> {
         let header = UpdateHeader {
             round: round.round,
             model_version: round.model_version,
@@ -220,45 +266,28 @@ impl StoreAgent {
             len: masked.len,
             examples: trained.report.examples as u64,
             loss: trained.loss_before,
+            // The queue entry's id, set when it is sent.
             upload_id: String::new(),
         };
         let meta = UpdateMeta {
-            round: round_id,
+            round: round.round.0,
             model_version: round.model_version.0,
         };
-        let entry = match self
+        let entry = self
             .queue
             .enqueue(meta, &envelope::seal(&header, &masked.bytes))
-        {
-            Ok(entry) => entry,
-            Err(e) => return Ok(Outcome::Failed(format!("cannot queue the update: {e}"))),
-        };
+            .map_err(|e| Outcome::Failed(format!("cannot queue the update: {e}")))?;
         self.record(AuditEvent::UpdateQueued {
-            round: round_id,
+            round: round.round.0,
             update_sha256: entry.sha256.clone(),
             bytes: masked.bytes.len() as u64,
         });
-
-        // 6. Send; a failed send stays queued and the loop sends it again.
-        let sent = self.send_entry(&entry).await;
-        if *shutdown.borrow() {
-            return Err(Stop::Shutdown);
-        }
-
-        // 7. Unmask: release the shares core asks for.
-        if session.plan().masking() == Masking::Secure
-            && let Err(reason) = self.unmask(&mut session, round, shutdown).await?
-        {
-            tracing::warn!(store.id = %self.store, round.id = round_id, reason = %reason,
-                "unmask step not answered");
-        }
-        Ok(match sent {
-            Ok(()) => Outcome::Uploaded,
-            Err(_) => Outcome::Queued,
-        })
+        Ok(entry)
     }
 
-    fn read_task(&self, round: &RoundAnnouncement) -> Result<TaskConfig, String> {
+    /// The announced task, checked against its digest, with the device, threads and batch
+    /// size this machine was given.
+    pub(super) fn read_task(&self, round: &RoundAnnouncement) -> Result<TaskConfig, String> {
         let digest = hex::encode(Sha256::digest(round.task.as_bytes()));
         if digest != round.task_sha256 {
             return Err(format!(
@@ -478,7 +507,7 @@ impl StoreAgent {
         task: &TaskConfig,
         trained: &Trained,
         session: &mut StoreSession,
-    ) -> Result<fedmesh_protocol::secagg::PackedVector, String> {
+    ) -> Result<PackedVector, String> {
         let layout = layout_of(&trained.delta).map_err(|e| e.to_string())?;
         let values: BTreeMap<String, Vec<f32>> = trained
             .delta
@@ -508,80 +537,6 @@ impl StoreAgent {
         let masked = session.mask(&quantised).map_err(|e| format!("mask: {e}"))?;
         Ok(masked.vector)
     }
-
-    /// Scores the round's candidate on the store's test rows, with the store's own local
-    /// parameters, and posts the loss.
-    pub(super) async fn evaluate(&mut self, round: &RoundAnnouncement) {
-        let Some(task) = round.evaluation.as_ref() else {
-            return;
-        };
-        let key = (round.round.0, task.candidate_sha256.clone());
-        if self.evaluated.contains(&key) || now_ms() > task.deadline_ms {
-            return;
-        }
-        self.evaluated.insert(key);
-        match self.evaluate_candidate(round).await {
-            Ok(report) => tracing::info!(store.id = %self.store, round.id = round.round.0,
-                outcome = "evaluated", loss = report.loss, examples = report.examples,
-                "candidate evaluated"),
-            Err(reason) => tracing::warn!(store.id = %self.store, round.id = round.round.0,
-                outcome = "evaluation-failed", reason = %reason, "candidate not evaluated"),
-        }
-    }
-
-    async fn evaluate_candidate(
-        &mut self,
-        round: &RoundAnnouncement,
-    ) -> Result<EvaluationReport, String> {
-        let Some(eval) = round.evaluation.as_ref() else {
-            return Err("no evaluation task".into());
-        };
-        let task = self.read_task(round)?;
-        let path = wire::blob(&eval.candidate_sha256);
-        let blob = self
-            .pop
-            .get_bytes(&path, models::MAX_BLOB)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{path} is not served"))?;
-        let digest = hex::encode(Sha256::digest(&blob));
-        if digest != eval.candidate_sha256 {
-            return Err(format!("candidate blob digest {digest} differs"));
-        }
-        let candidate = Weights::from_safetensors(&blob).map_err(|e| e.to_string())?;
-        let local = Weights::read(&self.dir.local_checkpoint()).ok();
-        let data = Arc::clone(&self.data);
-        let permit = Arc::clone(&self.trainers)
-            .acquire_owned()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (examples, loss) = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let rows = normalised(&task, &data.test)?;
-            if rows.is_empty() {
-                return Ok((0, f64::NAN));
-            }
-            let model = train::build_model(&task, &candidate, local.as_ref())?;
-            Ok::<_, TrainError>((rows.len(), mean_loss(&model, &rows)?))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        if examples == 0 {
-            return Err("the store has no test rows".into());
-        }
-        let report = EvaluationReport {
-            round: round.round,
-            candidate_sha256: eval.candidate_sha256.clone(),
-            examples: examples as u64,
-            loss,
-        };
-        self.pop
-            .post_json(&wire::evaluation(round.round), &report)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(report)
-    }
 }
 
 /// Training proper: the loss of the global model on the training rows first (the
@@ -603,24 +558,6 @@ fn train_blocking(
         report: outcome.report,
         loss_before,
     })
-}
-
-fn normalised(task: &TaskConfig, rows: &Examples) -> Result<Examples, TrainError> {
-    Ok(match &task.normalisation {
-        Some(norm) => rows.normalised(norm)?,
-        None => rows.clone(),
-    })
-}
-
-/// The mean loss (MSE or cross-entropy) of `model` over `rows`.
-fn mean_loss(model: &crate::model::Model, rows: &Examples) -> Result<f64, TrainError> {
-    if rows.is_empty() {
-        return Err(TrainError::NoExamples);
-    }
-    let (x, y) = train::tensors(model, rows)?;
-    Ok(tch::no_grad(|| {
-        train::batch_loss(model, &x, &y).double_value(&[])
-    }))
 }
 
 /// Milliseconds since the Unix epoch.
