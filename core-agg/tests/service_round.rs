@@ -168,7 +168,19 @@ expected_dropout = 0.1
         if let Some(running) = self.running.take() {
             running.stop().await;
         }
-        let running = service::start(self.config.clone()).await?;
+        // The old sockets close asynchronously; a fresh process would not wait, a task
+        // in this process may have to.
+        let mut attempt = 0;
+        let running = loop {
+            match service::start(self.config.clone()).await {
+                Ok(running) => break running,
+                Err(_) if attempt < 30 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         self.pop = pop_client(self.dir.path(), &running, "pop/chicago")?;
         self.running = Some(running);
         Ok(())
