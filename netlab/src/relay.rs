@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,7 @@ impl RelayStats {
 pub struct Relay {
     addr: SocketAddr,
     stats: Arc<RelayStats>,
+    link: Arc<Link>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -137,10 +138,15 @@ struct Link {
     up: Mutex<Shaper>,
     down: Mutex<Shaper>,
     stats: Arc<RelayStats>,
+    /// Set by the lab to take the store off the network (churn), on top of the schedule.
+    cut: AtomicBool,
 }
 
 impl Link {
     fn fate(&self, up: bool, udp: bool, bytes: usize) -> Fate {
+        if self.cut.load(Ordering::Relaxed) {
+            return Fate::Drop(DropReason::Offline);
+        }
         let shaper = if up { &self.up } else { &self.down };
         let mut shaper = shaper.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -199,18 +205,30 @@ impl Relay {
                 start,
             )),
             stats: Arc::clone(&stats),
+            cut: AtomicBool::new(false),
         });
         let (online_tx, online_rx) = watch::channel(!profile.is_offline(Duration::ZERO));
         let tasks = vec![
-            tokio::spawn(watch_schedule(profile, start, online_tx)),
+            tokio::spawn(watch_schedule(profile, start, Arc::clone(&link), online_tx)),
             tokio::spawn(serve_udp(
                 Arc::new(udp),
                 Arc::clone(&upstream),
                 Arc::clone(&link),
             )),
-            tokio::spawn(serve_tcp(tcp, upstream, link, online_rx)),
+            tokio::spawn(serve_tcp(tcp, upstream, Arc::clone(&link), online_rx)),
         ];
-        Ok(Self { addr, stats, tasks })
+        Ok(Self {
+            addr,
+            stats,
+            link,
+            tasks,
+        })
+    }
+
+    /// Takes the store off the network (`true`: everything dropped, TCP cut) or puts it
+    /// back, whatever the schedule says; the lab's store churn.
+    pub fn set_cut(&self, cut: bool) {
+        self.link.cut.store(cut, Ordering::Relaxed);
     }
 
     /// The address stores dial (UDP and TCP).
@@ -251,15 +269,17 @@ async fn bind_pair(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), Relay
     }))
 }
 
-/// Publishes whether the link is up, checking the schedule every 20 ms.
-async fn watch_schedule(profile: WanProfile, start: Instant, online: watch::Sender<bool>) {
-    if profile.offline.is_empty() {
-        return;
-    }
+/// Publishes whether the link is up, checking the schedule and the cut every 20 ms.
+async fn watch_schedule(
+    profile: WanProfile,
+    start: Instant,
+    link: Arc<Link>,
+    online: watch::Sender<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     loop {
         tick.tick().await;
-        let up = !profile.is_offline(start.elapsed());
+        let up = !profile.is_offline(start.elapsed()) && !link.cut.load(Ordering::Relaxed);
         online.send_if_modified(|state| std::mem::replace(state, up) != up);
     }
 }
