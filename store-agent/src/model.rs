@@ -260,6 +260,17 @@ impl Model {
         self.objective
     }
 
+    /// Sets every bias of the output layer (`head.bias`) to `value`: a regression model then
+    /// starts by predicting `value`.
+    pub fn start_output_at(&mut self, value: f64) {
+        for p in self.params.iter_mut().filter(|p| p.name == "head.bias") {
+            let mut target = p.tensor.shallow_clone();
+            tch::no_grad(|| {
+                let _ = target.fill_(value);
+            });
+        }
+    }
+
     /// Whether [`Model::forward_traced`] applies (an MLP), so DP-SGD can use the fast path.
     pub fn is_mlp(&self) -> bool {
         matches!(self.arch, Architecture::Mlp { .. })

@@ -329,7 +329,7 @@ pub fn build_model(
     configure_threads(task.training.threads);
     tch::manual_seed(task.training.seed as i64);
     let (device, precision) = pick_device(task.training.device)?;
-    let mut model = Model::new(&task.model, device, precision)?;
+    let mut model = fresh_model(task, device, precision)?;
     if let Some(state) = local_state {
         let local = Weights {
             tensors: state
@@ -341,7 +341,43 @@ pub fn build_model(
         };
         load_partial(&mut model, &local)?;
     }
-    model.load(global)?;
+    model.load(&shared_part(&model, global))?;
+    Ok(model)
+}
+
+/// The tensors of `global` that the model shares, in the model's parameter order. A global
+/// model may list its tensors in another order (a registry blob keeps them sorted by name),
+/// and may still carry values for parameters the task keeps local (an initial model written
+/// whole, say); those belong to each store and are never taken from it.
+fn shared_part(model: &Model, global: &Weights) -> Weights {
+    let shared = model.parameters().iter().filter(|p| !p.local);
+    let mut tensors: Vec<_> = shared.filter_map(|p| global.get(&p.name).cloned()).collect();
+    // Names the model does not know stay in, so that loading them fails by name.
+    tensors.extend(
+        global
+            .tensors
+            .iter()
+            .filter(|t| !model.parameters().iter().any(|p| p.name == t.name))
+            .cloned(),
+    );
+    Weights { tensors }
+}
+
+/// A newly initialised model of the task (seeded by the caller): a regression model's output
+/// starts at the task's pooled target mean when the normalisation carries one.
+///
+/// # Errors
+/// [`TrainError`] when the spec is invalid.
+pub fn fresh_model(
+    task: &TaskConfig,
+    device: tch::Device,
+    precision: crate::model::Precision,
+) -> Result<Model, TrainError> {
+    let mut model = Model::new(&task.model, device, precision)?;
+    let target_mean = task.normalisation.as_ref().and_then(|n| n.target_mean);
+    if let (Objective::Regression, Some(mean)) = (task.model.objective(), target_mean) {
+        model.start_output_at(mean);
+    }
     Ok(model)
 }
 
@@ -383,7 +419,7 @@ pub fn run_round(
     let report = train(&mut model, &task.training, &train_rows, Some(global))?;
     let after = (!test_rows.is_empty()).then(|| eval::evaluate(&model, &test_rows));
 
-    let delta = model.shared_weights().delta(global)?;
+    let delta = model.shared_weights().delta(&shared_part(&model, global))?;
     tracing::debug!(
         store.id = %data.store,
         examples = report.examples,

@@ -250,6 +250,51 @@ fn local_parameters_never_appear_in_the_update() {
     assert_eq!(next.weights().get("head.weight"), Some(&head));
 }
 
+/// A global model written whole (the launcher's initial model, an operator's export) carries
+/// a head too: the store trains from its shared part only and keeps its own head.
+#[test]
+fn a_global_model_carrying_the_head_never_replaces_the_stores_own() {
+    let spec = mlp(5, 1, Objective::Regression, &["head"]);
+    // Sorted by name, as a registry blob lists them: bias before weight, head first.
+    let mut whole = model(&spec, 1).weights();
+    whole.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(whole.tensors.len(), 6, "hidden.0, hidden.1 and head, weight and bias");
+    let task = TaskConfig {
+        model: spec,
+        training: config(1),
+        normalisation: None,
+    };
+    let data = StoreData {
+        store: StoreId("7".into()),
+        train: synthetic(100, 6),
+        test: synthetic(20, 7),
+    };
+
+    let outcome = train::run_round(&task, &data, &whole, None).unwrap();
+    let names: Vec<&str> = outcome.delta.names().collect();
+    assert_eq!(
+        names,
+        [
+            "hidden.0.weight",
+            "hidden.0.bias",
+            "hidden.1.weight",
+            "hidden.1.bias"
+        ],
+        "the update is in model order, shared parameters only"
+    );
+
+    // The store's trained head survives a global model that still holds the initial one.
+    let head = outcome.checkpoint.get("head.weight").unwrap().clone();
+    assert_ne!(Some(&head), whole.get("head.weight"), "training moved the head");
+    let next = train::build_model(&task, &whole, Some(&outcome.checkpoint)).unwrap();
+    assert_eq!(next.weights().get("head.weight"), Some(&head));
+    assert_eq!(
+        next.weights().get("hidden.0.weight"),
+        whole.get("hidden.0.weight"),
+        "shared parameters come from the global model"
+    );
+}
+
 #[test]
 fn delta_is_local_minus_global_in_model_order() {
     let spec = mlp(5, 1, Objective::Regression, &[]);
