@@ -176,3 +176,93 @@ fn overlay(data: &mut Value, overrides: &PolicyData) {
         config.extend(values);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use fedmesh_protocol::ids::{Region, RoundId};
+
+    use super::*;
+
+    fn input(runtime: &str) -> PolicyInput {
+        PolicyInput {
+            spiffe_id: "spiffe://fedmesh.test/store/north/2".into(),
+            trust_domain: "fedmesh.test".into(),
+            runtime_version: runtime.into(),
+            epsilon_remaining: 3.0,
+            region: Region("north".into()),
+            round: Some(RoundId(1)),
+            route: "/v1/rounds/{round}/update".into(),
+            method: "PUT".into(),
+        }
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    fn config(dir: &Path, policy: &Path, min_runtime: &str) -> PolicyConfig {
+        let text = format!(
+            "path = {policy:?}\ndecision_log = {log:?}\n[data]\n\
+             stores_trust_domain = \"fedmesh.test\"\nmin_runtime_version = \"{min_runtime}\"\n",
+            log = dir.join("decisions.jsonl"),
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn configured_data_replaces_the_policys_own_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = fedmesh_policy::default_policy_dir();
+
+        // The shipped data names another trust domain and a 1.4.2 minimum; the config's
+        // values decide instead.
+        let gate = PolicyGate::open(&config(dir.path(), &policy, "2.0.0")).unwrap();
+        let old = gate.decide(&input("1.10.0"));
+        assert!(!old.allow);
+        let rules: Vec<&str> = old.reasons.iter().map(|d| d.rule.as_str()).collect();
+        assert_eq!(rules, ["runtime_version"]);
+        assert!(gate.decide(&input("2.1.0")).allow);
+
+        let log = std::fs::read_to_string(dir.path().join("decisions.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 2);
+    }
+
+    #[test]
+    fn broken_policy_change_keeps_the_last_good_one_and_a_good_change_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("rego");
+        copy_dir(&fedmesh_policy::default_policy_dir(), &policy);
+        let gate = PolicyGate::open(&config(dir.path(), &policy, "0.1.0")).unwrap();
+        assert!(gate.decide(&input("0.2.0")).allow);
+
+        // 1. A module that does not parse: refused, decisions unchanged.
+        let extra = policy.join("fedmesh/pop/extra.rego");
+        std::fs::write(&extra, "package fedmesh.pop\nthis is not rego").unwrap();
+        gate.reload_if_changed();
+        assert!(gate.decide(&input("0.2.0")).allow);
+
+        // 2. A rule that denies everything from the north region: in force at once.
+        std::fs::write(
+            &extra,
+            "package fedmesh.pop\nimport rego.v1\n\
+             deny contains {\"rule\": \"north_closed\", \"reason\": \"closed\"} \
+             if input.region == \"north\"\n",
+        )
+        .unwrap();
+        gate.reload_if_changed();
+        let decision = gate.decide(&input("0.2.0"));
+        assert!(!decision.allow);
+        assert_eq!(decision.reasons[0].rule, "north_closed");
+    }
+}
