@@ -29,14 +29,23 @@ const PYTHON_REQUIREMENTS: &[&str] = &["numpy"];
 const TEST_FEATURES: &str = "fedmesh-store-agent/failpoints,fedmesh-core-agg/etcd";
 
 /// Debian packages the build and the tests need.
-const APT_PACKAGES: &[&str] = &["protobuf-compiler", "libprotobuf-dev", "etcd-server"];
+/// `fonts-dejavu-core` holds the TTF the lab's plots draw their text with.
+const APT_PACKAGES: &[&str] = &[
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "etcd-server",
+    "fonts-dejavu-core",
+];
+
+/// The main job: the Dominick's federation that `cargo xtask demo` runs.
+const MAIN_SCENARIO: &str = "netlab/scenarios/dominicks-oj.toml";
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
   setup            install what is missing (Debian packages, the torch venv)
-  demo [args]      set up, then run the main job (extra args go to it)
+  demo [args]      set up, then run the main job (extra args go to `netlab run`)
   test             set up, then run formatting, lints and every test
   bench [name]     set up, then run the benchmarks (all, or those of one crate)
   env              print the environment that built binaries need, as shell exports";
@@ -264,17 +273,48 @@ fn cargo(env: &BuildEnv, root: &Path, args: &[&str]) -> Result<()> {
     check(env.command(root, &cargo).args(args))
 }
 
+/// Builds the lab and the three services in release mode, then runs the main job through
+/// `netlab run` into `out/<scenario>-<unix time>` (or wherever `--out` in `rest` says).
 fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
-    let mut args = vec![
-        "run",
-        "--release",
-        "--package",
-        "fedmesh-netlab",
-        "--",
-        "baseline",
-    ];
-    args.extend(rest.iter().map(String::as_str));
-    cargo(env, root, &args)
+    cargo(
+        env,
+        root,
+        &[
+            "build",
+            "--release",
+            "--package",
+            "fedmesh-netlab",
+            "--package",
+            "fedmesh-core-agg",
+            "--package",
+            "fedmesh-pop-proxy",
+            "--package",
+            "fedmesh-store-agent",
+        ],
+    )?;
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let netlab = target.join("release/netlab");
+
+    let mut args: Vec<OsString> = vec!["run".into()];
+    if !rest.iter().any(|a| a == "--scenario") {
+        args.extend([
+            "--scenario".into(),
+            root.join(MAIN_SCENARIO).into_os_string(),
+        ]);
+    }
+    if !rest.iter().any(|a| a == "--out") {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let out = root.join(format!("out/dominicks-oj-{stamp}"));
+        eprintln!("xtask: the report goes to {}", out.display());
+        args.extend(["--out".into(), out.into_os_string()]);
+    }
+    args.extend(rest.iter().map(OsString::from));
+    check(env.command(root, &netlab.to_string_lossy()).args(args))
 }
 
 /// Fetches the OPA reference engine that the policy crate's differential test compares
