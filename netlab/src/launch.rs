@@ -350,8 +350,15 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
             println!("fault: {line}");
             faults.push(line);
         }
-        let done = status["rounds_completed"].as_u64().unwrap_or(0);
-        if done >= scenario.rounds.count {
+        let committed = status["rounds_completed"].as_u64().unwrap_or(0);
+        let abandoned = status["rounds_abandoned"].as_u64().unwrap_or(0);
+        if committed >= scenario.rounds.count {
+            break;
+        }
+        if committed + abandoned >= core_round_limit(scenario.rounds.count) {
+            faults.push(format!(
+                "core stopped planning: {abandoned} rounds abandoned, {committed} committed"
+            ));
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -436,6 +443,13 @@ fn bin_dir(given: Option<&Path>) -> Result<PathBuf> {
         }
     }
     Ok(dir)
+}
+
+/// Rounds core may run, committed and abandoned together, for `count` to commit: core counts
+/// both outcomes against its limit, so the lab allows a quarter more (at least three) for
+/// rounds a fault abandons.
+fn core_round_limit(count: u64) -> u64 {
+    count + (count / 4).max(3)
 }
 
 /// A free port on 127.0.0.1 for both UDP and TCP.
@@ -664,8 +678,8 @@ fn write_task(scenario: &Scenario, layout: &Layout) -> Result<(TaskConfig, Norma
 
 fn write_initial_model(task: &TaskConfig, path: &Path, seed: u64) -> Result<()> {
     tch::manual_seed(seed as i64);
-    let model = fedmesh_store_agent::model::Model::new(
-        &task.model,
+    let model = fedmesh_store_agent::train::fresh_model(
+        task,
         tch::Device::Cpu,
         fedmesh_store_agent::model::Precision::F32,
     )?;
@@ -738,7 +752,7 @@ delta = {delta}
         task = layout.root.join("task.toml").display(),
         initial = layout.root.join("initial.safetensors").display(),
         key = layout.keys.join("registry.key").display(),
-        count = r.count,
+        count = core_round_limit(r.count),
         fraction = r.fraction,
         min_cohort = r.min_cohort,
         over = r.over_selection,

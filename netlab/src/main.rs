@@ -2,12 +2,18 @@
 //!
 //! `netlab baseline` trains the reference models on the vendored Dominick's data and prints
 //! their test RMSE as one JSON object, the yardstick federated runs are compared with;
-//! `netlab task-config` prints the matching task config with its normalisation statistics;
-//! `netlab pki` writes a development PKI (CA and SVIDs) for labs and tests.
+//! `netlab task-config` prints the winning recipe's task config with its normalisation
+//! statistics; `netlab simulate` runs federated training in process to search recipes;
+//! `netlab pki` writes a development PKI (CA and SVIDs) for labs and tests;
+//! `netlab run` runs a scenario as a whole mesh of processes and writes its report.
 
 mod baseline;
+mod launch;
 mod pki;
+mod plots;
+mod report;
 mod ridge;
+mod simulate;
 mod task_config;
 
 use std::io::IsTerminal;
@@ -29,9 +35,14 @@ enum Command {
     /// Train the centralised and local reference models and print their test RMSE as JSON.
     Baseline(BaselineArgs),
     /// Print the Dominick's task config (TOML) with normalisation from the pooled training rows.
-    TaskConfig(TaskConfigArgs),
+    TaskConfig(task_config::TaskConfigArgs),
+    /// Run federated training of the Dominick's task in process and print RMSE per round.
+    Simulate(simulate::SimulateArgs),
     /// Write a development PKI: a trust domain's CA and SVIDs for core, PoPs and stores.
     Pki(pki::PkiArgs),
+    /// Run a scenario: core, PoPs and stores as processes over the emulated WAN; write the
+    /// report (summary.json, report.md, plots) into --out.
+    Run(launch::RunArgs),
 }
 
 /// Options of `netlab baseline`.
@@ -54,23 +65,6 @@ pub(crate) struct BaselineArgs {
     pub epochs: usize,
 }
 
-/// Options of `netlab task-config`.
-#[derive(Debug, clap::Args)]
-pub(crate) struct TaskConfigArgs {
-    /// Directory holding sales.csv.gz and stores.csv.
-    #[arg(long, default_value = "data/dominicks-oj")]
-    pub data: PathBuf,
-    /// Feature spec (TOML); the built-in Dominick's recipe when absent.
-    #[arg(long)]
-    pub spec: Option<PathBuf>,
-    /// Local epochs per round.
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    /// Keep the output layer in each store (a personalised head).
-    #[arg(long)]
-    pub local_head: bool,
-}
-
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -87,7 +81,11 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
         }
         Command::TaskConfig(args) => print!("{}", task_config::run(&args)?),
+        Command::Simulate(args) => {
+            simulate::run(&args)?;
+        }
         Command::Pki(args) => print!("{}", pki::run(&args)?),
+        Command::Run(args) => launch::run(&args)?,
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The report of a `netlab run`: `summary.json`, `report.md` and PNG plots in the output
 //! folder, plus the per-round samples and process figures the launcher collects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, Result};
 use fedmesh_store_agent::Examples;
@@ -156,12 +156,35 @@ fn pooled_rmse(outcome: &Outcome, tests: &BTreeMap<String, Examples>, blob: &[u8
         let Some(test) = tests.get(&store.id) else {
             continue;
         };
-        let mut model = Model::new(&outcome.task.model, tch::Device::Cpu, Precision::F32)?;
-        model.load(&shared)?;
-        let head = store.state_dir.join("local.safetensors");
-        if head.exists() {
-            model.load(&Weights::read(&head)?)?;
-        }
+        let mut model = fedmesh_store_agent::train::fresh_model(
+            &outcome.task,
+            tch::Device::Cpu,
+            Precision::F32,
+        )?;
+        // The store's checkpoint holds every parameter; only its local ones (the head) are
+        // the store's own, the shared ones come from the published blob.
+        let checkpoint = store.state_dir.join("local.safetensors");
+        let weights = if checkpoint.exists() {
+            let local: BTreeSet<&str> = model
+                .parameters()
+                .iter()
+                .filter(|p| p.local)
+                .map(|p| p.name.as_str())
+                .collect();
+            let mut combined = Weights::read(&checkpoint)?;
+            for tensor in &mut combined.tensors {
+                if let (false, Some(global)) = (
+                    local.contains(tensor.name.as_str()),
+                    shared.get(&tensor.name),
+                ) {
+                    *tensor = global.clone();
+                }
+            }
+            combined
+        } else {
+            shared.clone()
+        };
+        model.load(&weights)?;
         let predicted = fedmesh_store_agent::eval::predict(&model, test);
         let values: Vec<f32> = Vec::<f32>::try_from(predicted.flatten(0, -1))?;
         predictions.extend(values);
