@@ -263,7 +263,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         "core-agg",
         "core",
         &["serve", "--config"],
-        &[core_config.clone()],
+        std::slice::from_ref(&core_config),
         layout,
     )?);
     wait_healthy(
@@ -279,7 +279,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
             "pop-proxy",
             &pop.name,
             &["serve", "--config"],
-            &[config.clone()],
+            std::slice::from_ref(config),
             layout,
         )?;
         mesh.pops.insert(pop.name.clone(), proc);

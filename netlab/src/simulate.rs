@@ -105,6 +105,9 @@ pub(crate) struct SimulateArgs {
     /// Quantisation bits.
     #[arg(long)]
     pub quant_bits: Option<u32>,
+    /// Share of coordinates random-k keeps each round.
+    #[arg(long)]
+    pub kept: Option<f64>,
     /// Cohort size over the target share (core over-selects to absorb dropouts).
     #[arg(long, default_value_t = 1.3)]
     pub over_select: f64,
@@ -176,6 +179,7 @@ impl SimulateArgs {
                 update_clip: self.clip.unwrap_or(c.update_clip),
                 quant_clip: self.quant_clip.unwrap_or(c.quant_clip),
                 quant_bits: self.quant_bits.unwrap_or(c.quant_bits),
+                kept_fraction: self.kept.unwrap_or(c.kept_fraction),
             },
         }
     }
@@ -452,7 +456,12 @@ fn run_one_round(
         update::clip_l2(&mut flat, recipe.core.update_clip)?;
         let quantised = plan.quantise(&flat, rng)?;
         let packed = PackedVector::pack(quantised.values(), plan.ring_bits())?;
-        sum.fold(&plan, plan.round(), &[store.data.store.clone()], &packed)?;
+        sum.fold(
+            &plan,
+            plan.round(),
+            std::slice::from_ref(&store.data.store),
+            &packed,
+        )?;
         record.survivors += 1;
     }
 
@@ -485,6 +494,7 @@ fn secagg_plan(
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&round.to_le_bytes());
     let n = cohort.len() as u32;
+    let dimension = layout.len(Scope::Shared) as u32;
     let config = PlanConfig {
         round: RoundId(round),
         seed,
@@ -496,8 +506,9 @@ fn secagg_plan(
         degree: n.saturating_sub(1).max(1),
         threshold: n / 2 + 1,
         min_survivors: 1,
-        dimension: layout.len(Scope::Shared) as u32,
-        kept: None,
+        dimension,
+        kept: (recipe.core.kept_fraction < 1.0)
+            .then(|| ((recipe.core.kept_fraction * f64::from(dimension)).ceil() as u32).max(1)),
         quant_bits: recipe.core.quant_bits,
         clip: recipe.core.quant_clip,
         guard_bits: 1,

@@ -84,6 +84,8 @@ pub(crate) struct CoreRecipe {
     pub quant_clip: f32,
     /// Quantisation bits per coordinate.
     pub quant_bits: u32,
+    /// Share of the shared coordinates random-k sends each round (1 sends all).
+    pub kept_fraction: f64,
 }
 
 /// A whole recipe.
@@ -126,6 +128,7 @@ pub(crate) const NO_DP: Recipe = Recipe {
         update_clip: 10.0,
         quant_clip: 0.1,
         quant_bits: 8,
+        kept_fraction: 1.0,
     },
 };
 

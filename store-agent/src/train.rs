@@ -351,7 +351,9 @@ pub fn build_model(
 /// whole, say); those belong to each store and are never taken from it.
 fn shared_part(model: &Model, global: &Weights) -> Weights {
     let shared = model.parameters().iter().filter(|p| !p.local);
-    let mut tensors: Vec<_> = shared.filter_map(|p| global.get(&p.name).cloned()).collect();
+    let mut tensors: Vec<_> = shared
+        .filter_map(|p| global.get(&p.name).cloned())
+        .collect();
     // Names the model does not know stay in, so that loading them fails by name.
     tensors.extend(
         global

@@ -258,7 +258,11 @@ fn a_global_model_carrying_the_head_never_replaces_the_stores_own() {
     // Sorted by name, as a registry blob lists them: bias before weight, head first.
     let mut whole = model(&spec, 1).weights();
     whole.tensors.sort_by(|a, b| a.name.cmp(&b.name));
-    assert_eq!(whole.tensors.len(), 6, "hidden.0, hidden.1 and head, weight and bias");
+    assert_eq!(
+        whole.tensors.len(),
+        6,
+        "hidden.0, hidden.1 and head, weight and bias"
+    );
     let task = TaskConfig {
         model: spec,
         training: config(1),
@@ -285,7 +289,11 @@ fn a_global_model_carrying_the_head_never_replaces_the_stores_own() {
 
     // The store's trained head survives a global model that still holds the initial one.
     let head = outcome.checkpoint.get("head.weight").unwrap().clone();
-    assert_ne!(Some(&head), whole.get("head.weight"), "training moved the head");
+    assert_ne!(
+        Some(&head),
+        whole.get("head.weight"),
+        "training moved the head"
+    );
     let next = train::build_model(&task, &whole, Some(&outcome.checkpoint)).unwrap();
     assert_eq!(next.weights().get("head.weight"), Some(&head));
     assert_eq!(
