@@ -658,11 +658,9 @@ fn write_task(scenario: &Scenario, layout: &Layout) -> Result<(TaskConfig, Norma
         batch_size: 64,
         optimiser: Optimiser::Adam,
         learning_rate: scenario.training.learning_rate,
-        fedprox_mu: if scenario.training.strategy == "fedprox" {
-            scenario.training.mu
-        } else {
-            0.0
-        },
+        // The proximal term is the stores' half of FedProx and composes with any server
+        // step (FedAvg, or FedAdam's adaptive one).
+        fedprox_mu: scenario.training.mu,
         local_head: scenario.training.local_head,
         dp,
     };

@@ -604,7 +604,9 @@ mod tests {
         assert_eq!(s.topology.metros.len(), 3);
         assert!(s.topology.metros.iter().all(|m| m.pops == 2));
         assert_eq!(s.training.mode, "secure");
-        assert_eq!(s.training.strategy, "fedprox");
+        // FedProx: the proximal term at the stores, FedAdam's step at core.
+        assert_eq!(s.training.strategy, "fedadam");
+        assert!(s.training.mu > 0.0);
         assert!(s.training.local_head);
         assert_eq!(
             (s.privacy.unit.as_str(), s.privacy.epsilon),
@@ -618,14 +620,21 @@ mod tests {
         assert!(s.data.spec.exists());
     }
 
+    /// Without a budget capping how often a store trains, the no-DP job runs a larger cohort
+    /// for more rounds (task_config::NO_DP against DP); everything else is the main job's,
+    /// the PoP kill half way included.
     #[test]
-    fn the_no_dp_job_differs_only_in_privacy() {
+    fn the_no_dp_job_differs_only_in_privacy_and_its_cohort() {
         let mut dp = shipped("dominicks-oj.toml");
         let nodp = shipped("dominicks-oj-nodp.toml");
         assert_eq!(nodp.privacy.unit, "none");
+        assert_eq!(nodp.faults.pops[0].round, nodp.rounds.count / 2);
         dp.name = nodp.name.clone();
         dp.description = nodp.description.clone();
         dp.privacy = nodp.privacy.clone();
+        dp.rounds.count = nodp.rounds.count;
+        dp.rounds.fraction = nodp.rounds.fraction;
+        dp.faults.pops = nodp.faults.pops.clone();
         assert_eq!(dp, nodp);
     }
 
