@@ -204,6 +204,8 @@ pub struct EvaluationReport {
     pub examples: u64,
     /// Mean loss of the candidate on them.
     pub loss: f64,
+    /// Mean loss on the same rows of the version the round started from, if scored.
+    pub baseline_loss: Option<f64>,
 }
 
 /// What the driver must act on.
@@ -256,7 +258,8 @@ pub struct Round {
     /// The held-out stores chosen to evaluate; only their reports count.
     #[serde(default)]
     evaluators: BTreeSet<StoreId>,
-    evaluations: BTreeMap<StoreId, (u64, f64)>,
+    /// Examples, candidate loss and baseline loss per evaluator.
+    evaluations: BTreeMap<StoreId, (u64, f64, Option<f64>)>,
     baseline_loss: Option<f64>,
     rejections: BTreeMap<Rejection, u64>,
     events: VecDeque<Event>,
@@ -484,13 +487,16 @@ impl Round {
             return Err(self.reject(Rejection::Duplicate));
         }
         if !report.loss.is_finite()
+            || report.baseline_loss.is_some_and(|b| !b.is_finite())
             || report.examples == 0
             || report.examples > MAX_EVALUATION_EXAMPLES
         {
             return Err(self.reject(Rejection::Invalid));
         }
-        self.evaluations
-            .insert(report.store.clone(), (report.examples, report.loss));
+        self.evaluations.insert(
+            report.store.clone(),
+            (report.examples, report.loss, report.baseline_loss),
+        );
         if self.evaluations.len() >= self.config.min_evaluations {
             self.judge(now);
         }
@@ -629,14 +635,34 @@ impl Round {
     fn judge(&mut self, now: Timestamp) {
         // Each count is at most MAX_EVALUATION_EXAMPLES, so the u128 sum cannot overflow;
         // the weighted sum can still overflow f64 for huge losses, hence the finite check.
-        let examples: u128 = self.evaluations.values().map(|(n, _)| u128::from(*n)).sum();
-        let weighted: f64 = self.evaluations.values().map(|(n, l)| *n as f64 * l).sum();
+        let examples: u128 = self
+            .evaluations
+            .values()
+            .map(|(n, ..)| u128::from(*n))
+            .sum();
+        let weighted: f64 = self
+            .evaluations
+            .values()
+            .map(|(n, l, _)| *n as f64 * l)
+            .sum();
         let loss = weighted / examples as f64;
         if !loss.is_finite() {
             self.abandon(AbandonReason::NonFiniteLoss { loss });
             return;
         }
-        if let Some(baseline) = self.baseline_loss
+        // Stores differ far more than one round moves a model, so the candidate is judged
+        // against the current version on the same evaluators' rows when every evaluator
+        // scored both; the current version's own recorded loss (other stores) otherwise.
+        let paired: Option<f64> = self
+            .evaluations
+            .values()
+            .map(|(n, _, b)| b.map(|b| *n as f64 * b))
+            .sum();
+        let baseline = paired
+            .map(|sum| sum / examples as f64)
+            .filter(|b| b.is_finite())
+            .or(self.baseline_loss);
+        if let Some(baseline) = baseline
             && regresses(loss, baseline, self.config.regression_threshold)
         {
             self.abandon(AbandonReason::Regressed {

@@ -246,6 +246,7 @@ fn a_full_round_commits_the_published_version() {
         store: evaluators[0].clone(),
         examples: 50,
         loss: 0.9,
+        baseline_loss: None,
     };
     round.handle_evaluation(at(40), &evaluation).unwrap();
     round.handle_published(ROUND, Ok(ModelVersion(4))).unwrap();
@@ -276,6 +277,7 @@ fn a_regressed_candidate_is_not_published() {
         store: evaluators[0].clone(),
         examples: 50,
         loss: 1.1,
+        baseline_loss: None,
     };
     round.handle_evaluation(at(40), &evaluation).unwrap();
     assert_eq!(
@@ -285,6 +287,40 @@ fn a_regressed_candidate_is_not_published() {
             baseline: 1.0
         }))
     );
+}
+
+/// The current version's recorded loss (1.0, from other stores) says nothing about how a
+/// candidate does on this round's evaluators: with both losses from the same rows the
+/// candidate is judged against those.
+#[test]
+fn a_candidate_is_judged_against_the_current_model_on_the_same_evaluators() {
+    let judged = |loss: f64, baseline: f64| {
+        let (mut round, evaluators) = evaluating_round(RoundConfig::default());
+        let report = EvaluationReport {
+            baseline_loss: Some(baseline),
+            ..evaluation(&evaluators[0], 50, loss)
+        };
+        round.handle_evaluation(at(40), &report).unwrap();
+        round.phase().clone()
+    };
+    // 1.1 on rows where the current model scores 1.2: better, although above 1.0.
+    assert_eq!(judged(1.1, 1.2), Phase::Publishing);
+    // 0.9 on rows where the current model scores 0.8: worse by more than 2%, although
+    // below the recorded 1.0.
+    assert_eq!(
+        judged(0.9, 0.8),
+        Phase::Ended(Outcome::Abandoned(AbandonReason::Regressed {
+            candidate: 0.9,
+            baseline: 0.8
+        }))
+    );
+    // A non-finite baseline is refused like a non-finite loss.
+    let (mut round, evaluators) = evaluating_round(RoundConfig::default());
+    let report = EvaluationReport {
+        baseline_loss: Some(f64::NAN),
+        ..evaluation(&evaluators[0], 50, 0.9)
+    };
+    assert!(round.handle_evaluation(at(40), &report).is_err());
 }
 
 #[test]
@@ -353,6 +389,7 @@ fn evaluation(store: &StoreId, examples: u64, loss: f64) -> EvaluationReport {
         store: store.clone(),
         examples,
         loss,
+        baseline_loss: None,
     }
 }
 

@@ -444,6 +444,7 @@ impl Mesh {
                     candidate_sha256: task.candidate_sha256.clone(),
                     examples: 50,
                     loss,
+                    baseline_loss: None,
                 };
                 let (status, body) = self
                     .call(

@@ -226,7 +226,8 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
     }
 
     // 3. Configs.
-    let core_config = write_core_config(scenario, layout, core_addr)?;
+    let honest = stores.iter().filter(|s| s.adversary.is_none()).count();
+    let core_config = write_core_config(scenario, layout, core_addr, honest)?;
     let mut pop_configs = Vec::new();
     for pop in &pop_endpoints {
         pop_configs.push((
@@ -294,7 +295,6 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         let proc = spawn_store_agent(bins, &format!("stores-{}", i + 1), &configs, layout)?;
         mesh.stores.push(proc);
     }
-    let honest = stores.iter().filter(|s| s.adversary.is_none()).count();
     let startup = wait_online(&status_client, honest, &mut mesh, Duration::from_secs(120)).await?;
     let startup_seconds = startup.saturating_duration_since(started).as_secs_f64();
     println!(
@@ -685,10 +685,14 @@ fn write_initial_model(task: &TaskConfig, path: &Path, seed: u64) -> Result<()> 
     Ok(())
 }
 
+/// Core's config for the scenario. Core plans once four in five honest stores are online, so
+/// the first round is not drawn from the few that polled first, while churn and offline
+/// windows (which take stores out of the online count) cannot stall it.
 fn write_core_config(
     scenario: &Scenario,
     layout: &Layout,
     addr: std::net::SocketAddr,
+    honest: usize,
 ) -> Result<PathBuf> {
     let r = &scenario.rounds;
     let t = &scenario.training;
@@ -755,7 +759,7 @@ delta = {delta}
         min_cohort = r.min_cohort,
         over = r.over_selection,
         cap = r.region_cap,
-        min_online = r.min_cohort,
+        min_online = r.min_cohort.max(honest * 4 / 5),
         keys = r.keys_s,
         shares = r.shares_s,
         upload = r.upload_s,

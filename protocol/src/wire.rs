@@ -154,10 +154,27 @@ pub struct PhaseDeadlines {
     pub keys_ms: u64,
     /// Encrypted shares are due.
     pub shares_ms: u64,
-    /// Updates (uploaded to the PoPs) are due; PoPs forward what they hold then.
+    /// Updates are due at core, inside partial sums; PoPs stop taking uploads and forward
+    /// what they hold at [`PhaseDeadlines::pop_forward_ms`], a little earlier.
     pub upload_ms: u64,
     /// Unmask responses are due.
     pub unmask_ms: u64,
+}
+
+impl PhaseDeadlines {
+    /// Fewest and most milliseconds a PoP leaves between forwarding and `upload_ms`.
+    const FORWARD_MARGIN_MS: (u64, u64) = (500, 3_000);
+
+    /// When a PoP closes a round's partial sum and forwards it: a fifth of the upload window
+    /// (from `shares_ms` to `upload_ms`) before the upload deadline, at least 500 ms and at
+    /// most 3 s. A sum forwarded at `upload_ms` itself reaches core after core stopped
+    /// collecting, so one silent store at a PoP would cost every update that PoP held.
+    pub fn pop_forward_ms(&self) -> u64 {
+        let (least, most) = Self::FORWARD_MARGIN_MS;
+        let window = self.upload_ms.saturating_sub(self.shares_ms);
+        let margin = (window / 5).clamp(least, most);
+        self.upload_ms.saturating_sub(margin).max(self.shares_ms)
+    }
 }
 
 /// A candidate model the round's evaluators score on their own data.
@@ -368,6 +385,11 @@ pub struct EvaluationReport {
     pub examples: u64,
     /// Mean loss (MSE for regression) over them.
     pub loss: f64,
+    /// Mean loss over the same rows of the model the round started from, so that core
+    /// judges the candidate against the same stores' data; absent when the store could not
+    /// score it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_loss: Option<f64>,
 }
 
 /// The current version of a model.
@@ -451,6 +473,23 @@ mod tests {
         ] {
             assert_eq!(Workload::from_path(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn pops_forward_a_fifth_of_the_upload_window_early_within_bounds() {
+        let at = |shares_ms, upload_ms| PhaseDeadlines {
+            keys_ms: 0,
+            shares_ms,
+            upload_ms,
+            unmask_ms: upload_ms + 4_000,
+        };
+        // 15 s window: 3 s early. 5 s: 1 s. 1 s: the 500 ms floor. 60 s: the 3 s ceiling.
+        assert_eq!(at(10_000, 25_000).pop_forward_ms(), 22_000);
+        assert_eq!(at(10_000, 15_000).pop_forward_ms(), 14_000);
+        assert_eq!(at(10_000, 11_000).pop_forward_ms(), 10_500);
+        assert_eq!(at(10_000, 70_000).pop_forward_ms(), 67_000);
+        // Never before the shares are due, even for a window shorter than the floor.
+        assert_eq!(at(10_000, 10_200).pop_forward_ms(), 10_000);
     }
 
     #[test]

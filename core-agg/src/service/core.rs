@@ -608,6 +608,7 @@ impl Core {
             store: store.clone(),
             examples: report.examples,
             loss: report.loss,
+            baseline_loss: report.baseline_loss,
         };
         if let Err(rejection) = open
             .round

@@ -13,7 +13,8 @@
 //!   contributions stay so that a re-sent update is still known as a duplicate).
 //!
 //! A round's first part closes when every store whose key advert went through this PoP has
-//! uploaded, or at the plan's upload deadline. Uploads after an early close open a further
+//! uploaded, or at the plan's forwarding time (`PhaseDeadlines::pop_forward_ms`, shortly
+//! before the upload deadline, so that the sum reaches core in time). Uploads after an early close open a further
 //! part. After a restart every part still holding a sum is forwarded as it stands: its
 //! stores were acknowledged and will not upload again.
 
@@ -234,7 +235,8 @@ impl Rounds {
             ring,
             len: plan.vector_len(),
             expected: plan.cohort().iter().cloned().collect(),
-            deadline: instant_of_unix_ms(announcement.deadlines.upload_ms),
+            // Early enough that the sum reaches core while it still collects.
+            deadline: instant_of_unix_ms(announcement.deadlines.pop_forward_ms()),
         };
         let (seen, next_part) = self.recovered.remove(&round).unwrap_or_default();
         self.rounds.insert(

@@ -1,6 +1,7 @@
 //! Candidate evaluation: an evaluator named in a round's announcement scores the
-//! candidate blob (its shared weights with the store's own local head) on the store's test
-//! rows and posts the mean loss. Metrics leave the store, never rows.
+//! candidate blob (its shared weights with the store's own local head) and the round's own
+//! model on the store's test rows and posts both mean losses. Metrics leave the store, never
+//! rows.
 
 use std::sync::Arc;
 
@@ -56,20 +57,34 @@ impl StoreAgent {
             return Err(format!("candidate blob digest {digest} differs"));
         }
         let candidate = Weights::from_safetensors(&blob).map_err(|e| e.to_string())?;
+        // The round's own model, verified as for training, scored on the same rows: core
+        // compares like with like. Without it the report carries the candidate alone.
+        let baseline = models::fetch_verified(&self.pop, &self.key, &self.dir, None, round)
+            .await
+            .map(|m| m.weights)
+            .map_err(|e| {
+                tracing::debug!(store.id = %self.store, error = %e, "no baseline to score");
+            })
+            .ok();
         let local = Weights::read(&self.dir.local_checkpoint()).ok();
         let data = Arc::clone(&self.data);
         let permit = Arc::clone(&self.trainers)
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
-        let (examples, loss) = tokio::task::spawn_blocking(move || {
+        let (examples, loss, baseline_loss) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let rows = normalised(&task, &data.test)?;
             if rows.is_empty() {
-                return Ok((0, f64::NAN));
+                return Ok((0, f64::NAN, None));
             }
-            let model = train::build_model(&task, &candidate, local.as_ref())?;
-            Ok::<_, TrainError>((rows.len(), mean_loss(&model, &rows)?))
+            let score = |weights: &Weights| {
+                let model = train::build_model(&task, weights, local.as_ref())?;
+                mean_loss(&model, &rows)
+            };
+            let loss = score(&candidate)?;
+            let baseline_loss = baseline.as_ref().map(score).transpose()?;
+            Ok::<_, TrainError>((rows.len(), loss, baseline_loss))
         })
         .await
         .map_err(|e| e.to_string())?
@@ -82,6 +97,7 @@ impl StoreAgent {
             candidate_sha256: eval.candidate_sha256.clone(),
             examples: examples as u64,
             loss,
+            baseline_loss,
         };
         self.pop
             .post_json(&wire::evaluation(round.round), &report)
