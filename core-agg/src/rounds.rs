@@ -460,6 +460,27 @@ impl Round {
         Ok(())
     }
 
+    /// The current version's loss on the evaluators' own rows, weighted by their examples,
+    /// once every evaluation so far scored it too. Stores differ far more than one round
+    /// moves a model, so the candidate is judged against this when it is known, and against
+    /// the current version's recorded loss (other stores' rows) only otherwise.
+    pub fn evaluated_baseline(&self) -> Option<f64> {
+        let examples: u128 = self
+            .evaluations
+            .values()
+            .map(|(n, ..)| u128::from(*n))
+            .sum();
+        let weighted: Option<f64> = self
+            .evaluations
+            .values()
+            .map(|(n, _, b)| b.map(|b| *n as f64 * b))
+            .sum();
+        weighted
+            .filter(|_| examples > 0)
+            .map(|sum| sum / examples as f64)
+            .filter(|b| b.is_finite())
+    }
+
     /// The held-out stores chosen to evaluate the candidate.
     pub fn evaluators(&self) -> impl Iterator<Item = &StoreId> {
         self.evaluators.iter()
@@ -650,18 +671,7 @@ impl Round {
             self.abandon(AbandonReason::NonFiniteLoss { loss });
             return;
         }
-        // Stores differ far more than one round moves a model, so the candidate is judged
-        // against the current version on the same evaluators' rows when every evaluator
-        // scored both; the current version's own recorded loss (other stores) otherwise.
-        let paired: Option<f64> = self
-            .evaluations
-            .values()
-            .map(|(n, _, b)| b.map(|b| *n as f64 * b))
-            .sum();
-        let baseline = paired
-            .map(|sum| sum / examples as f64)
-            .filter(|b| b.is_finite())
-            .or(self.baseline_loss);
+        let baseline = self.evaluated_baseline().or(self.baseline_loss);
         if let Some(baseline) = baseline
             && regresses(loss, baseline, self.config.regression_threshold)
         {

@@ -319,3 +319,62 @@ fn refuses_a_threshold_at_or_below_half_the_degree() {
         Err(PlanError::BadThreshold { .. })
     ));
 }
+
+/// Phases that end early do not pull the later deadlines in: the upload phase still ends at
+/// start + keys + shares + upload, the upload deadline announced to PoPs and stores at
+/// planning, and a message at or past its phase's deadline is late even before a timeout.
+#[test]
+fn phase_deadlines_add_up_from_the_start_whatever_ends_early() {
+    use fedmesh_protocol::secagg::{CoreError, CoreSession, StoreSession};
+    use std::time::Duration;
+
+    let plan = SecAggPlan::new(config(4, 3, 2, 2, 3)).unwrap();
+    let d = secagg_support::deadlines();
+    let start = std::time::Instant::now();
+    let mut core = CoreSession::new(plan.clone(), start, d);
+    assert_eq!(core.next_deadline(), Some(start + d.keys));
+
+    // 1. Every advert arrives within a millisecond: the shares phase starts at once, and
+    //    still ends at start + keys + shares.
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let mut sessions = BTreeMap::new();
+    let mut outgoing = Vec::new();
+    let soon = start + Duration::from_millis(1);
+    for id in plan.cohort() {
+        let (session, advert) = StoreSession::new(plan.clone(), id.clone(), &mut rng).unwrap();
+        sessions.insert(id.clone(), session);
+        outgoing.extend(core.handle_key_advert(soon, advert.unwrap()).unwrap());
+    }
+    assert_eq!(core.phase(), CorePhase::CollectingShares);
+    assert_eq!(core.next_deadline(), Some(start + d.keys + d.shares));
+
+    // 2. A share bundle handled at that deadline, before any timeout ran, is late.
+    let late = start + d.keys + d.shares;
+    let mut refused = 0;
+    for out in outgoing {
+        let fedmesh_protocol::secagg::ToStore::NeighbourKeys(keys) = out.message else {
+            panic!("expected neighbour keys");
+        };
+        let shares = sessions
+            .get_mut(&out.to)
+            .unwrap()
+            .handle_neighbour_keys(&keys, &mut rng)
+            .unwrap();
+        let answer = core.handle_encrypted_shares(late, shares);
+        assert!(
+            matches!(answer, Err(CoreError::Unexpected(_))),
+            "{answer:?}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 4);
+
+    // 3. Plain sessions wait for uploads until the same absolute upload deadline.
+    let mut plain = config(4, 3, 2, 2, 3);
+    plain.masking = Masking::Plain;
+    let core = CoreSession::new(SecAggPlan::new(plain).unwrap(), start, d);
+    assert_eq!(
+        core.next_deadline(),
+        Some(start + d.keys + d.shares + d.upload)
+    );
+}

@@ -34,6 +34,11 @@ const SIGNING_CONTEXT: &[u8] = b"fedmesh-manifest-v1\0";
 /// The metric that decides promotion; lower is better.
 pub const LOSS_METRIC: &str = "loss";
 
+/// The metric holding the parent version's loss on the same evaluation rows as the
+/// candidate's [`LOSS_METRIC`]; when present, promotion compares against it rather than the
+/// parent's own recorded loss, which other stores' rows produced.
+pub const PARENT_LOSS_METRIC: &str = "parent_loss";
+
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -294,7 +299,8 @@ impl<B: Backend> Registry<B> {
     }
 
     /// Publishes a candidate as the next version and promotes it, unless its loss regresses
-    /// more than `regression_threshold` from the current version's.
+    /// more than `regression_threshold` from the current version's: its
+    /// [`PARENT_LOSS_METRIC`] when the candidate carries one, else the parent's recorded loss.
     ///
     /// The steps are each idempotent, so a publish interrupted anywhere can be run again
     /// with the same candidate: the blob is stored by content, the manifest is put-if-absent
@@ -394,11 +400,12 @@ impl<B: Backend> Registry<B> {
 
         // 3. Promotion, unless the candidate regresses.
         if let Some(parent) = candidate.parent {
-            let baseline = self.load_manifest(model, parent)?;
-            let losses = (
-                manifest.metrics.get(LOSS_METRIC),
-                baseline.metrics.get(LOSS_METRIC),
-            );
+            let parent = self.load_manifest(model, parent)?;
+            let baseline = manifest
+                .metrics
+                .get(PARENT_LOSS_METRIC)
+                .or_else(|| parent.metrics.get(LOSS_METRIC));
+            let losses = (manifest.metrics.get(LOSS_METRIC), baseline);
             if let (Some(&candidate), Some(&baseline)) = losses
                 && regresses(candidate, baseline, regression_threshold)
             {

@@ -38,7 +38,12 @@ use crate::ids::{RoundId, StoreId};
 /// Bytes of an encrypted share bundle: two shares and the Poly1305 tag.
 const BUNDLE_LEN: usize = 2 * SHARE_LEN + 16;
 
-/// How long core waits in each phase.
+/// How long each phase may last. Phase deadlines add up from the session's start: a phase
+/// ends at the latest at the start plus its own length and those of the phases before it,
+/// however early those ended, so that they stay the absolute deadlines announced to PoPs
+/// and stores when the round was planned (a store or a PoP that times its upload by the
+/// announcement is never late because an earlier phase finished early). A plain session
+/// starts in [`CorePhase::CollectingUploads`] and still counts `keys` and `shares` in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadlines {
     /// For key adverts.
@@ -163,6 +168,8 @@ pub struct CoreSession {
     plan: SecAggPlan,
     deadlines: Deadlines,
     phase: CorePhase,
+    /// When the session started; every phase deadline counts from here.
+    started: Instant,
     phase_ends: Instant,
     /// U1: stores that advertised keys, by cohort position.
     adverts: BTreeMap<usize, KeyAdvert>,
@@ -182,10 +189,10 @@ impl CoreSession {
     /// Starts the round at `now`.
     pub fn new(plan: SecAggPlan, now: Instant, deadlines: Deadlines) -> Self {
         let secure = plan.masking() == Masking::Secure;
-        let (phase, wait) = if secure {
-            (CorePhase::CollectingKeys, deadlines.keys)
+        let phase = if secure {
+            CorePhase::CollectingKeys
         } else {
-            (CorePhase::CollectingUploads, deadlines.upload)
+            CorePhase::CollectingUploads
         };
         // In plain mode every cohort store may upload directly.
         let shared = if secure {
@@ -198,7 +205,8 @@ impl CoreSession {
             plan,
             deadlines,
             phase,
-            phase_ends: now + wait,
+            started: now,
+            phase_ends: phase_end(now, &deadlines, phase),
             adverts: BTreeMap::new(),
             shared,
             requests: BTreeMap::new(),
@@ -234,7 +242,7 @@ impl CoreSession {
         if self.phase == CorePhase::Finished || now < self.phase_ends {
             return Vec::new();
         }
-        self.advance(now)
+        self.advance()
     }
 
     /// Phase 1: records a store's public keys.
@@ -248,14 +256,14 @@ impl CoreSession {
         now: Instant,
         advert: KeyAdvert,
     ) -> Result<Vec<Outgoing>, CoreError> {
-        self.expect(advert.round, CorePhase::CollectingKeys, "key advert")?;
+        self.expect(now, advert.round, CorePhase::CollectingKeys, "key advert")?;
         let p = self
             .plan
             .position(&advert.store)
             .filter(|p| !self.adverts.contains_key(p))
             .ok_or_else(|| CoreError::NotExpectedFrom(advert.store.clone()))?;
         self.adverts.insert(p, advert);
-        Ok(self.advance_if_complete(now, self.adverts.len() == self.plan.cohort().len()))
+        Ok(self.advance_if_complete(self.adverts.len() == self.plan.cohort().len()))
     }
 
     /// Phase 2: records a store's encrypted bundles, which must be addressed to exactly its
@@ -270,7 +278,12 @@ impl CoreSession {
         now: Instant,
         msg: EncryptedShares,
     ) -> Result<Vec<Outgoing>, CoreError> {
-        self.expect(msg.round, CorePhase::CollectingShares, "encrypted shares")?;
+        self.expect(
+            now,
+            msg.round,
+            CorePhase::CollectingShares,
+            "encrypted shares",
+        )?;
         let p = self
             .plan
             .position(&msg.from)
@@ -291,7 +304,7 @@ impl CoreSession {
             return Err(CoreError::BadShares(msg.from));
         }
         self.shared.insert(p, msg.shares);
-        Ok(self.advance_if_complete(now, self.shared.len() == self.adverts.len()))
+        Ok(self.advance_if_complete(self.shared.len() == self.adverts.len()))
     }
 
     /// Phase 3: folds a PoP's partial sum.
@@ -305,7 +318,12 @@ impl CoreSession {
         now: Instant,
         partial: PartialSum,
     ) -> Result<Vec<Outgoing>, CoreError> {
-        self.expect(partial.round, CorePhase::CollectingUploads, "partial sum")?;
+        self.expect(
+            now,
+            partial.round,
+            CorePhase::CollectingUploads,
+            "partial sum",
+        )?;
         for s in &partial.contributors {
             if !self
                 .plan
@@ -322,7 +340,7 @@ impl CoreSession {
             &partial.vector,
         )?;
         let complete = self.sum.contributors().len() == self.shared.len();
-        Ok(self.advance_if_complete(now, complete))
+        Ok(self.advance_if_complete(complete))
     }
 
     /// Phase 4: records the shares a surviving store released.
@@ -336,7 +354,7 @@ impl CoreSession {
         now: Instant,
         resp: UnmaskResponse,
     ) -> Result<Vec<Outgoing>, CoreError> {
-        self.expect(resp.round, CorePhase::Unmasking, "unmask response")?;
+        self.expect(now, resp.round, CorePhase::Unmasking, "unmask response")?;
         let p = self
             .plan
             .position(&resp.from)
@@ -360,11 +378,14 @@ impl CoreSession {
         }
         self.answered.insert(p);
         let complete = self.enough_shares();
-        Ok(self.advance_if_complete(now, complete))
+        Ok(self.advance_if_complete(complete))
     }
 
+    /// Checks that a message fits the session now: its round, its phase, and before the
+    /// phase's deadline (a message at or past it is late, even if no timeout ran yet).
     fn expect(
         &self,
+        now: Instant,
         round: RoundId,
         phase: CorePhase,
         what: &'static str,
@@ -375,7 +396,7 @@ impl CoreSession {
                 got: round,
             });
         }
-        if self.phase != phase {
+        if self.phase != phase || now >= self.phase_ends {
             return Err(CoreError::Unexpected(what));
         }
         Ok(())
@@ -391,16 +412,12 @@ impl CoreSession {
             .filter(|q| self.adverts.contains_key(q))
     }
 
-    fn advance_if_complete(&mut self, now: Instant, complete: bool) -> Vec<Outgoing> {
-        if complete {
-            self.advance(now)
-        } else {
-            Vec::new()
-        }
+    fn advance_if_complete(&mut self, complete: bool) -> Vec<Outgoing> {
+        if complete { self.advance() } else { Vec::new() }
     }
 
     /// Ends the current phase: checks the survivors and emits the next phase's messages.
-    fn advance(&mut self, now: Instant) -> Vec<Outgoing> {
+    fn advance(&mut self) -> Vec<Outgoing> {
         let needed = self.plan.min_survivors();
         let left = match self.phase {
             CorePhase::CollectingKeys => self.adverts.len(),
@@ -418,11 +435,11 @@ impl CoreSession {
         }
         match self.phase {
             CorePhase::CollectingKeys => {
-                self.enter(CorePhase::CollectingShares, now + self.deadlines.shares);
+                self.enter(CorePhase::CollectingShares);
                 self.send_neighbour_keys()
             }
             CorePhase::CollectingShares => {
-                self.enter(CorePhase::CollectingUploads, now + self.deadlines.upload);
+                self.enter(CorePhase::CollectingUploads);
                 self.send_shares()
             }
             CorePhase::CollectingUploads if self.plan.masking() == Masking::Plain => {
@@ -430,7 +447,7 @@ impl CoreSession {
                 Vec::new()
             }
             CorePhase::CollectingUploads => {
-                self.enter(CorePhase::Unmasking, now + self.deadlines.unmask);
+                self.enter(CorePhase::Unmasking);
                 self.send_unmask_requests()
             }
             CorePhase::Unmasking => {
@@ -441,9 +458,9 @@ impl CoreSession {
         }
     }
 
-    fn enter(&mut self, phase: CorePhase, ends: Instant) {
+    fn enter(&mut self, phase: CorePhase) {
         self.phase = phase;
-        self.phase_ends = ends;
+        self.phase_ends = phase_end(self.started, &self.deadlines, phase);
     }
 
     fn fail(&mut self, failure: RoundFailure) {
@@ -694,4 +711,17 @@ impl CoreSession {
         *self.sum.values_vec_mut() = values;
         Ok(())
     }
+}
+
+/// The latest end of `phase` for a session started at `started`: the lengths of the phases
+/// up to and including it, added up.
+fn phase_end(started: Instant, d: &Deadlines, phase: CorePhase) -> Instant {
+    let lengths = [d.keys, d.shares, d.upload, d.unmask];
+    let upto = match phase {
+        CorePhase::CollectingKeys => 1,
+        CorePhase::CollectingShares => 2,
+        CorePhase::CollectingUploads => 3,
+        CorePhase::Unmasking | CorePhase::Finished => 4,
+    };
+    started + lengths[..upto].iter().sum::<Duration>()
 }

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha20Rng;
 use super::{COLLECTION_SLACK_S, Core, dp_spend, new_live, reason_kind};
 use crate::Timestamp;
 use crate::ledger::{self, RecordDpPlan};
-use crate::registry::{Backend, Candidate, LOSS_METRIC, sha256_hex};
+use crate::registry::{Backend, Candidate, LOSS_METRIC, PARENT_LOSS_METRIC, sha256_hex};
 use crate::rounds::{AbandonReason, Event, OnlineStore, Outcome, Phase, Round, RoundConfig};
 use crate::service::config::Unit;
 use crate::service::model::Weights;
@@ -454,7 +454,13 @@ impl Core {
                 model_spec: self.task.model_spec.clone(),
                 training_config_sha256: self.task_sha256.clone(),
                 dp: dp_spend(&self.config, &self.task, epsilon),
-                metrics: BTreeMap::from([(LOSS_METRIC.to_owned(), loss)]),
+                metrics: std::iter::once((LOSS_METRIC.to_owned(), loss))
+                    .chain(
+                        open.round
+                            .evaluated_baseline()
+                            .map(|b| (PARENT_LOSS_METRIC.to_owned(), b)),
+                    )
+                    .collect(),
             };
             self.registry
                 .publish(
