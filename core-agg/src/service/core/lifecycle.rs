@@ -111,7 +111,13 @@ impl Core {
             // The cohort is fixed by the secure-aggregation plan: no replacements.
             soft_deadline_secs: collection + 1,
             reporting_deadline_secs: collection,
-            phase_timeout_secs: r.unmask_s.max(r.evaluation_s) + COLLECTION_SLACK_S,
+            // The round may reach unmasking as soon as its target has reported, while the
+            // secure-aggregation session still waits out the upload phase for stores that
+            // shared and have not uploaded: give it the session's whole time, whose
+            // deadlines add up from the round's start.
+            phase_timeout_secs: (r.keys_s + r.shares_s + r.upload_s + r.unmask_s)
+                .max(r.evaluation_s)
+                + COLLECTION_SLACK_S,
             min_evaluations: r.evaluators,
             regression_threshold: r.regression_threshold,
         }

@@ -1,0 +1,107 @@
+//! Whole-mesh tests: each runs a small scenario with `netlab run` (core, PoPs and
+//! store-agent processes on 127.0.0.1, mutual TLS, the real binaries) and checks what an
+//! operator would look at afterwards: the summary, the audit logs and the service logs.
+//!
+//! The scenarios live in `tests/scenarios/` (the smoke run is the lab's own) and each
+//! commits its rounds within a few minutes.
+
+use anyhow::Result;
+use fedmesh_mesh_tests::run;
+
+/// The facts every healthy run shows: the rounds it asked for committed, and the published
+/// model's signature and digest verify against the registry key.
+fn assert_healthy(summary: &serde_json::Value, rounds: u64) {
+    assert_eq!(summary["rounds_completed"], rounds, "{summary:#}");
+    assert_eq!(summary["signature_verified"], true, "{summary:#}");
+    let version = summary["model_version"].as_u64().unwrap_or(0);
+    assert!(
+        version >= rounds,
+        "model version {version} after {rounds} rounds"
+    );
+}
+
+#[test]
+fn secure_rounds_commit_and_publish_a_better_model_than_the_mean() -> Result<()> {
+    // The lab's own smoke scenario: 8 stores, two PoPs, three secure rounds.
+    let run = run("../../netlab/scenarios/smoke.toml")?;
+    assert_healthy(&run.summary, 3);
+    let rmse = run.summary["final_test_rmse"].as_f64().expect("final rmse");
+    // Predicting the training mean scores 1.123 on this split (shared/DESIGN.md).
+    assert!(rmse < 1.123, "final rmse {rmse}");
+    for plot in [
+        "rmse.png",
+        "participation.png",
+        "uplink.png",
+        "round-duration.png",
+    ] {
+        assert!(run.out.join(plot).exists(), "{plot} missing");
+    }
+    Ok(())
+}
+
+#[test]
+fn rounds_commit_over_the_http2_fallback_when_udp_is_blocked() -> Result<()> {
+    let run = run("udp-blocked.toml")?;
+    assert_healthy(&run.summary, 2);
+    // The stores tried QUIC first and fell back; nothing reached a PoP over UDP.
+    let logs = run.logs()?;
+    assert!(
+        logs.contains("falling back to http/2"),
+        "no fallback logged"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pop_killed_mid_round_loses_no_round_its_stores_move_to_the_other_pop() -> Result<()> {
+    let run = run("pop-killed.toml")?;
+    assert_healthy(&run.summary, 3);
+    let faults = run.summary["faults"].to_string();
+    assert!(
+        faults.contains("killed PoP chicago-1"),
+        "the kill is not reported: {faults}"
+    );
+    Ok(())
+}
+
+#[test]
+fn core_restarted_mid_round_keeps_its_rounds_and_registry() -> Result<()> {
+    let run = run("core-restart.toml")?;
+    assert_healthy(&run.summary, 3);
+    let faults = run.summary["faults"].to_string();
+    assert!(
+        faults.contains("restarted core"),
+        "the restart is not reported: {faults}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_rogue_identity_and_an_outdated_runtime_never_join_a_round() -> Result<()> {
+    let run = run("adversaries.toml")?;
+    assert_healthy(&run.summary, 2);
+
+    // 9001's certificate is from another trust domain: every handshake is refused.
+    let logs = run.logs()?;
+    assert!(
+        logs.contains("ForeignTrustDomain"),
+        "no refused handshake logged"
+    );
+    for store in ["9001", "9002"] {
+        let joined = run
+            .audit(store)
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["event"] == "round_joined")
+            .count();
+        assert_eq!(joined, 0, "{store} joined a round");
+    }
+    // Whenever 9002 was selected it declined, naming its runtime.
+    for event in run.audit("9002")? {
+        let reason = event["reason"].as_str().unwrap_or_default();
+        if event["event"] == "round_declined" && reason != "not selected for this round" {
+            assert!(reason.contains("runtime"), "9002 declined for: {reason}");
+        }
+    }
+    Ok(())
+}
