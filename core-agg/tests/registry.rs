@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use ed25519_dalek::SigningKey;
 use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
 use fedmesh_core_agg::registry::{
-    Backend, Candidate, DpSpend, Registry, RegistryError, SignedManifest, sha256_hex,
+    Backend, Candidate, DpSpend, PARENT_LOSS_METRIC, Registry, RegistryError, SignedManifest,
+    sha256_hex,
 };
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::ids::ModelVersion;
@@ -178,6 +179,45 @@ fn a_regressed_candidate_is_recorded_but_not_promoted() {
     assert_eq!(
         registry.backend().current(&model()).unwrap(),
         Some(ModelVersion(2))
+    );
+}
+
+/// With the parent's loss on the candidate's own evaluation rows, promotion compares
+/// against that figure, not the parent's recorded loss from other stores' rows.
+#[test]
+fn promotion_compares_against_the_parents_loss_on_the_same_rows_when_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry(dir.path());
+    registry
+        .publish(&candidate(None, b"weights-0", 1.0), 0.02, NOW)
+        .unwrap();
+    let paired = |blob: &[u8], loss: f64, parent_loss: f64| {
+        let mut c = candidate(Some(0), blob, loss);
+        c.metrics.insert(PARENT_LOSS_METRIC.to_owned(), parent_loss);
+        c
+    };
+    // 1.5 is above the recorded 1.0, but the parent scored 1.6 on these rows: it ships.
+    let shipped = registry
+        .publish(&paired(b"weights-1", 1.5, 1.6), 0.02, NOW)
+        .unwrap();
+    assert_eq!(shipped.version, ModelVersion(1));
+    // 0.9 is below v1's recorded 1.5, but v1 scored 0.8 on these rows: refused.
+    let refused = registry.publish(
+        &{
+            let mut c = paired(b"weights-2", 0.9, 0.8);
+            c.parent = Some(ModelVersion(1));
+            c
+        },
+        0.02,
+        NOW,
+    );
+    assert!(
+        matches!(refused, Err(RegistryError::Regressed { baseline, .. }) if baseline == 0.8),
+        "{refused:?}"
+    );
+    assert_eq!(
+        registry.backend().current(&model()).unwrap(),
+        Some(ModelVersion(1))
     );
 }
 

@@ -686,8 +686,9 @@ fn write_initial_model(task: &TaskConfig, path: &Path, seed: u64) -> Result<()> 
 }
 
 /// Core's config for the scenario. Core plans once four in five honest stores are online, so
-/// the first round is not drawn from the few that polled first, while churn and offline
-/// windows (which take stores out of the online count) cannot stall it.
+/// the first round is not drawn from the few that polled first; churn and offline windows
+/// take stores out of the online count, and stall planning only while more than a fifth
+/// of the honest stores are away at once.
 fn write_core_config(
     scenario: &Scenario,
     layout: &Layout,
@@ -1242,13 +1243,15 @@ impl Follower {
             }
         }
 
-        // 2. PoP kills and drains. A fault is due in its round's phase or, when that round
-        //    went by between two looks at core's status (short rounds on a perfect WAN), in
-        //    the same phase of the first later round seen there; its line names the round.
+        // 2. PoP kills and drains. A fault is due once its round is at or past its phase or,
+        //    when that round went by between two looks at core's status (short rounds on a
+        //    perfect WAN), in the first later round seen at or past that phase; its line
+        //    names the round and the phase it was seen in.
         let due = |round: u64, wanted: &str| {
             id.is_some_and(|id| id >= round) && phase.is_some_and(|p| phase_reached(p, wanted))
         };
         let at = id.unwrap_or_default();
+        let seen = phase.unwrap_or("?");
         for fault in &scenario.faults.pops {
             let key = format!("pop {} {} {}", fault.action, fault.pop, fault.round);
             if self.applied.contains(&key) || !due(fault.round, &fault.phase) {
@@ -1263,10 +1266,7 @@ impl Follower {
                 let _ = proc.child.wait().await;
                 mesh.pops.remove(&fault.pop);
                 mesh.front.set_health(&fault.pop, PopHealth::Down);
-                lines.push(format!(
-                    "killed PoP {} in round {at} ({})",
-                    fault.pop, fault.phase
-                ));
+                lines.push(format!("killed PoP {} in round {at} ({seen})", fault.pop));
             } else {
                 if let Some(pid) = proc.child.id() {
                     let _ = std::process::Command::new("kill")
@@ -1274,10 +1274,7 @@ impl Follower {
                         .status();
                 }
                 mesh.front.set_health(&fault.pop, PopHealth::Withdrawn);
-                lines.push(format!(
-                    "drained PoP {} in round {at} ({})",
-                    fault.pop, fault.phase
-                ));
+                lines.push(format!("drained PoP {} in round {at} ({seen})", fault.pop));
             }
         }
 
@@ -1300,7 +1297,7 @@ impl Follower {
                 &[core_config.to_owned()],
                 layout,
             )?);
-            lines.push(format!("restarted core in round {at} ({})", fault.phase));
+            lines.push(format!("restarted core in round {at} ({seen})"));
         }
         Ok(lines)
     }

@@ -394,12 +394,18 @@ impl Normalisation {
                 actual: self.std.len(),
             });
         }
-        match self.std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
-            Some(index) => Err(TaskError::BadStd {
+        if let Some(index) = self.std.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(TaskError::BadStd {
                 index,
                 value: self.std[index],
+            });
+        }
+        match self.target_mean {
+            Some(mean) if !mean.is_finite() => Err(TaskError::Invalid {
+                field: "normalisation.target_mean",
+                problem: format!("{mean} is not a finite number"),
             }),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 }

@@ -840,7 +840,8 @@ fn store_joins_a_plain_round_and_its_upload_decodes_to_its_trained_delta() {
     });
 
     // Named as an evaluator, the store scores the candidate (version 0's weights with its
-    // own head) on its 20 test rows and posts the loss only.
+    // own head) and the round's own model on its 20 test rows and posts both losses; here
+    // the candidate is the round's model, so the two are the same number.
     let candidate = bed.blob_sha(ModelVersion(0));
     if let Some(round) = bed.pop().round.as_mut() {
         round.evaluation = Some(wire::EvaluationTask {
@@ -858,6 +859,7 @@ fn store_joins_a_plain_round_and_its_upload_decodes_to_its_trained_delta() {
         "{}",
         report.loss
     );
+    assert_eq!(report.baseline_loss, Some(report.loss));
     agent.stop();
     let lines = audit_lines(&bed, "2");
     let events: Vec<&str> = lines.iter().filter_map(|l| l["event"].as_str()).collect();

@@ -92,3 +92,36 @@ fn fitted_normalisation_is_the_pooled_mean_and_population_std() {
     assert!((norm.std[0] - 5f64.sqrt()).abs() < 1e-12);
     assert_eq!(norm.std[1], 1.0);
 }
+
+#[test]
+fn a_fresh_regression_model_starts_at_the_pooled_target_mean() {
+    // Targets 8, 10 and 12, pooled over two stores: mean 10.
+    let a = Examples {
+        dim: 2,
+        features: vec![0.0; 4],
+        targets: vec![8.0, 10.0],
+    };
+    let b = Examples {
+        dim: 2,
+        features: vec![0.0; 2],
+        targets: vec![12.0],
+    };
+    let norm = Normalisation::fit([&a, &b]).unwrap();
+    assert_eq!(norm.target_mean, Some(10.0));
+
+    let mut task = TaskConfig::from_toml_str(TASK).unwrap();
+    task.normalisation = Some(norm);
+    let model = fedmesh_store_agent::train::fresh_model(
+        &task,
+        tch::Device::Cpu,
+        fedmesh_store_agent::model::Precision::F32,
+    )
+    .unwrap();
+    let bias = model.weights().get("head.bias").unwrap().values.clone();
+    assert_eq!(bias, vec![10.0]);
+
+    // Written into the task and read back, a value that is not a number is refused by name.
+    let text = TASK.replace("std = [2.0, 0.5]", "std = [2.0, 0.5]\ntarget_mean = nan");
+    let err = TaskConfig::from_toml_str(&text).unwrap_err();
+    assert!(err.to_string().contains("target_mean"), "{err}");
+}

@@ -274,7 +274,7 @@ fn cargo(env: &BuildEnv, root: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// Builds the lab and the three services in release mode, then runs the main job through
-/// `netlab run` into `out/<scenario>-<unix time>` (or wherever `--out` in `rest` says).
+/// `netlab run` into `out/<scenario name>-<unix time>` (or wherever `--out` in `rest` says).
 fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
     cargo(
         env,
@@ -309,7 +309,16 @@ fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or_default();
-        let out = root.join(format!("out/dominicks-oj-{stamp}"));
+        // Named after the scenario run: the main job's unless `--scenario` says otherwise.
+        let scenario = rest
+            .iter()
+            .position(|a| a == "--scenario")
+            .and_then(|i| rest.get(i + 1))
+            .map_or(MAIN_SCENARIO, String::as_str);
+        let name = Path::new(scenario)
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy());
+        let out = root.join(format!("out/{name}-{stamp}"));
         eprintln!("xtask: the report goes to {}", out.display());
         args.extend(["--out".into(), out.into_os_string()]);
     }

@@ -124,11 +124,13 @@ pub struct RoundsConfig {
     pub keys_s: u64,
     /// Seconds for encrypted shares.
     pub shares_s: u64,
-    /// Seconds for uploads (PoPs forward their partial sums by then).
+    /// Seconds for uploads (PoPs forward their partial sums shortly before the end, see
+    /// `PhaseDeadlines::pop_forward_ms`).
     pub upload_s: u64,
     /// Seconds for unmask responses.
     pub unmask_s: u64,
-    /// Seconds evaluators have to report.
+    /// Seconds evaluators have to report (announced to them; core itself gives up on a
+    /// phase after the whole secure-aggregation time or this, whichever is longer).
     pub evaluation_s: u64,
     /// Held-out stores that must evaluate each candidate.
     pub evaluators: usize,

@@ -41,7 +41,7 @@ const BUNDLE_LEN: usize = 2 * SHARE_LEN + 16;
 /// How long each phase may last. Phase deadlines add up from the session's start: a phase
 /// ends at the latest at the start plus its own length and those of the phases before it,
 /// however early those ended, so that they stay the absolute deadlines announced to PoPs
-/// and stores when the round was planned (a store or a PoP that times its upload by the
+/// and stores when the session started (a store or a PoP that times its upload by the
 /// announcement is never late because an earlier phase finished early). A plain session
 /// starts in [`CorePhase::CollectingUploads`] and still counts `keys` and `shares` in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

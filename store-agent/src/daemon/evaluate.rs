@@ -17,8 +17,8 @@ use crate::train::{self, TrainError};
 use crate::weights::Weights;
 
 impl StoreAgent {
-    /// Scores the round's candidate on the store's test rows, with the store's own local
-    /// parameters, and posts the loss.
+    /// Scores the round's candidate and the round's own model on the store's test rows, with
+    /// the store's own local parameters, and posts both losses.
     pub(super) async fn evaluate(&mut self, round: &RoundAnnouncement) {
         let Some(task) = round.evaluation.as_ref() else {
             return;
@@ -83,7 +83,8 @@ impl StoreAgent {
                 mean_loss(&model, &rows)
             };
             let loss = score(&candidate)?;
-            let baseline_loss = baseline.as_ref().map(score).transpose()?;
+            // A baseline that cannot be scored leaves the candidate's report as it is.
+            let baseline_loss = baseline.as_ref().and_then(|w| score(w).ok());
             Ok::<_, TrainError>((rows.len(), loss, baseline_loss))
         })
         .await
