@@ -21,7 +21,7 @@ fn assert_healthy(summary: &serde_json::Value, rounds: u64) {
     );
 }
 
-/// The rounds asked for committed (core runs extra rounds for abandoned ones) and the
+/// The rounds asked for committed (core plans on past abandoned ones) and the
 /// published model verifies.
 fn assert_committed(summary: &serde_json::Value, rounds: u64) {
     assert_eq!(summary["rounds_completed"], rounds, "{summary:#}");

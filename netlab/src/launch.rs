@@ -355,7 +355,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         if committed >= scenario.rounds.count {
             break;
         }
-        if committed + abandoned >= core_round_limit(scenario.rounds.count) {
+        if abandoned >= abandon_limit(scenario.rounds.count) {
             faults.push(format!(
                 "core stopped planning: {abandoned} rounds abandoned, {committed} committed"
             ));
@@ -445,11 +445,10 @@ fn bin_dir(given: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Rounds core may run, committed and abandoned together, for `count` to commit: core counts
-/// both outcomes against its limit, so the lab allows a quarter more (at least three) for
-/// rounds a fault abandons.
-fn core_round_limit(count: u64) -> u64 {
-    count + (count / 4).max(3)
+/// Abandoned rounds after which core stops planning, for `count` to commit: a quarter of
+/// them, at least three, for rounds a fault abandons.
+fn abandon_limit(count: u64) -> u64 {
+    (count / 4).max(3)
 }
 
 /// A free port on 127.0.0.1 for both UDP and TCP.
@@ -719,6 +718,7 @@ backend = "embedded"
 
 [rounds]
 count = {count}
+max_abandoned = {max_abandoned}
 fraction = {fraction}
 min_cohort = {min_cohort}
 over_selection = {over}
@@ -755,7 +755,8 @@ delta = {delta}
         task = layout.root.join("task.toml").display(),
         initial = layout.root.join("initial.safetensors").display(),
         key = layout.keys.join("registry.key").display(),
-        count = core_round_limit(r.count),
+        count = r.count,
+        max_abandoned = abandon_limit(r.count),
         fraction = r.fraction,
         min_cohort = r.min_cohort,
         over = r.over_selection,

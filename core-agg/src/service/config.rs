@@ -104,8 +104,10 @@ pub enum BackendKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundsConfig {
-    /// Rounds to run before planning stops; 0 runs forever.
+    /// Committed rounds after which planning stops; 0 runs forever.
     pub count: u64,
+    /// Abandoned rounds after which planning stops as well; 0 never stops for them.
+    pub max_abandoned: u64,
     /// Fraction of the eligible online stores that should report.
     pub fraction: f64,
     /// Fewest reports a round aggregates (and the smallest target).
@@ -144,6 +146,7 @@ impl Default for RoundsConfig {
     fn default() -> Self {
         Self {
             count: 0,
+            max_abandoned: 0,
             fraction: 0.1,
             min_cohort: 3,
             over_selection: 1.3,

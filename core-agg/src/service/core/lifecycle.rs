@@ -49,9 +49,10 @@ impl Core {
 
     fn maybe_plan(&mut self, now_ms: u64) -> Result<(), String> {
         let rounds = &self.config.rounds;
-        let done = self.state.completed + self.state.abandoned;
+        let committed_all = rounds.count != 0 && self.state.completed >= rounds.count;
+        let gave_up = rounds.max_abandoned != 0 && self.state.abandoned >= rounds.max_abandoned;
         let paused = now_ms < self.state.last_ended_ms + rounds.pause_s * 1000;
-        if (rounds.count != 0 && done >= rounds.count) || paused {
+        if committed_all || gave_up || paused {
             return Ok(());
         }
         if self.online_stores(now_ms).len() < rounds.min_online {
