@@ -322,7 +322,8 @@ fn refuses_a_threshold_at_or_below_half_the_degree() {
 
 /// Phases that end early do not pull the later deadlines in: the upload phase still ends at
 /// start + keys + shares + upload, the upload deadline announced to PoPs and stores when
-/// the session started, and a message at or past its phase's deadline is late even before a timeout.
+/// the session started, and a message at or past its phase's deadline is late even before a
+/// timeout runs.
 #[test]
 fn phase_deadlines_add_up_from_the_start_whatever_ends_early() {
     use fedmesh_protocol::secagg::{CoreError, CoreSession, StoreSession};

@@ -310,9 +310,10 @@ impl<B: Backend> Registry<B> {
     /// # Errors
     ///
     /// [`RegistryError::NonFiniteMetric`] or [`RegistryError::NonFiniteDp`] before anything
-    /// is stored when a metric or a DP figure is NaN or infinite, [`RegistryError::Regressed`] when the version was recorded but not
-    /// promoted, [`RegistryError::Conflict`] when the current pointer is no longer
-    /// `parent`, and storage errors.
+    /// is stored when a metric or a DP figure is NaN or infinite,
+    /// [`RegistryError::Regressed`] when the version was recorded but not promoted,
+    /// [`RegistryError::Conflict`] when the current pointer is no longer `parent`, and
+    /// storage errors.
     pub fn publish(
         &self,
         candidate: &Candidate,

@@ -15,8 +15,8 @@
 //! A round's first part closes when every store whose key advert went through this PoP has
 //! uploaded, or at the plan's forwarding time (`PhaseDeadlines::pop_forward_ms`, shortly
 //! before the upload deadline, so that the sum reaches core in time). Uploads after an
-//! early close open a further part. After a restart every part still holding a sum is forwarded as it stands: its
-//! stores were acknowledged and will not upload again.
+//! early close open a further part. After a restart every part still holding a sum is
+//! forwarded as it stands: its stores were acknowledged and will not upload again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
