@@ -66,6 +66,20 @@ impl StoreAgent {
                 tracing::debug!(store.id = %self.store, error = %e, "no baseline to score");
             })
             .ok();
+        // Fetching keeps the round's model on disk; a store that evaluates often and trains
+        // rarely must not collect one per round: keep it and the last good one only.
+        let last_good = self
+            .state
+            .last_good_model
+            .as_ref()
+            .map(|m| m.sha256.as_str());
+        let keep: Vec<&str> = last_good
+            .into_iter()
+            .chain([round.model_sha256.as_str()])
+            .collect();
+        if let Err(e) = self.dir.prune_models(&keep) {
+            tracing::warn!(store.id = %self.store, error = %e, "cannot prune old models");
+        }
         let local = Weights::read(&self.dir.local_checkpoint()).ok();
         let data = Arc::clone(&self.data);
         let permit = Arc::clone(&self.trainers)
