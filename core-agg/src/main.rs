@@ -9,11 +9,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use fedmesh_core_agg::ledger::{self, LedgerConfig};
 use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
-use fedmesh_core_agg::registry::{Registry, keys};
+use fedmesh_core_agg::registry::{Backend, Registry, keys};
 use fedmesh_core_agg::service::{self, config::Config};
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::accountant::{RdpAccountant, noise_multiplier_for_epsilon};
@@ -86,8 +86,11 @@ enum RegistryCommand {
     /// that version's signature and blob.
     Rollback {
         /// Registry directory (the embedded backend).
+        #[arg(long, required_unless_present = "config", conflicts_with = "config")]
+        root: Option<PathBuf>,
+        /// Core's config instead: its registry backend, embedded or etcd.
         #[arg(long)]
-        root: PathBuf,
+        config: Option<PathBuf>,
         /// The model.
         #[arg(long)]
         model: String,
@@ -154,12 +157,20 @@ fn main() -> Result<()> {
         }
         Command::Registry(RegistryCommand::Rollback {
             root,
+            config,
             model,
             key,
             to,
         }) => {
             let key = keys::read_signing_key(&key)?;
-            let registry = Registry::new(EmbeddedBackend::open(&root)?, key);
+            let backend: Box<dyn Backend + Send> = match (root, config) {
+                (Some(root), _) => Box::new(EmbeddedBackend::open(&root)?),
+                (None, Some(config)) => {
+                    fedmesh_core_agg::service::open_backend(&Config::load(&config)?)?
+                }
+                (None, None) => bail!("give --root or --config"),
+            };
+            let registry = Registry::new(backend, key);
             let model = ModelId(model);
             let current = registry.rollback(&model, to.map(ModelVersion))?;
             json!({ "model": model, "current": current })

@@ -5,13 +5,12 @@
 //! `cargo test -p fedmesh-core-agg --features etcd --test etcd_registry`.
 #![cfg(feature = "etcd")]
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod support;
 
-use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
 use ed25519_dalek::SigningKey;
 use fedmesh_core_agg::registry::etcd::EtcdBackend;
 use fedmesh_core_agg::registry::{
@@ -19,119 +18,7 @@ use fedmesh_core_agg::registry::{
 };
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::ids::ModelVersion;
-
-/// Three etcd members on loopback ports the OS handed out; killed when dropped.
-struct Cluster {
-    endpoints: Vec<String>,
-    children: Vec<Option<Child>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        // Hold all six listeners until every port is chosen, so none is handed out twice.
-        let listeners: Vec<TcpListener> = (0..6)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<Result<_, _>>()?;
-        let ports: Vec<u16> = listeners
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect::<Result<_, _>>()?;
-        drop(listeners);
-
-        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[3 + i]);
-        let initial: Vec<String> = (0..3).map(|i| format!("m{i}={}", peer(i))).collect();
-        let mut children = Vec::new();
-        let mut endpoints = Vec::new();
-        for (i, client_port) in ports[..3].iter().enumerate() {
-            let client = format!("http://127.0.0.1:{client_port}");
-            let log = std::fs::File::create(dir.path().join(format!("m{i}.log")))?;
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.path().join(format!("m{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &client,
-                    "--advertise-client-urls",
-                    &client,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer(i),
-                    "--initial-advertise-peer-urls",
-                    &peer(i),
-                ])
-                .args(["--initial-cluster", &initial.join(",")])
-                .args([
-                    "--initial-cluster-state",
-                    "new",
-                    "--initial-cluster-token",
-                    "fedmesh",
-                ])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("cannot start etcd (Debian package etcd-server)")?;
-            children.push(Some(child));
-            endpoints.push(format!("127.0.0.1:{client_port}"));
-        }
-        let cluster = Self {
-            endpoints,
-            children,
-            _dir: dir,
-        };
-        cluster.leader().context("cluster never elected a leader")?;
-        Ok(cluster)
-    }
-
-    /// Index of the current leader, asking each live member; waits up to 30 s.
-    fn leader(&self) -> Result<usize> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            for (i, endpoint) in self.endpoints.iter().enumerate() {
-                if self.children[i].is_none() {
-                    continue;
-                }
-                let status = runtime.block_on(async {
-                    let options = etcd_client::ConnectOptions::new()
-                        .with_connect_timeout(Duration::from_millis(500))
-                        .with_timeout(Duration::from_millis(500));
-                    let mut client =
-                        etcd_client::Client::connect([endpoint], Some(options)).await?;
-                    client.status().await
-                });
-                if let Ok(status) = status {
-                    let me = status.header().map(|h| h.member_id());
-                    if status.leader() != 0 && me == Some(status.leader()) {
-                        return Ok(i);
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        bail!("no leader within 30 s")
-    }
-
-    fn kill(&mut self, member: usize) {
-        if let Some(mut child) = self.children[member].take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for member in 0..self.children.len() {
-            self.kill(member);
-        }
-    }
-}
+use support::Cluster;
 
 /// The etcd backend, with a hook that runs once just before the pointer moves: the moment
 /// after the manifest is stored and before the publish is visible.
@@ -225,7 +112,7 @@ fn leader_killed_mid_publish_loses_and_doubles_no_version() -> Result<()> {
         // Whatever failed, the same call is safe to repeat.
         Err(_) => registry.publish(&first, 0.02, Timestamp(2))?,
     };
-    let alive = cluster.lock().unwrap().children.iter().flatten().count();
+    let alive = cluster.lock().unwrap().alive();
     assert_eq!(alive, 2, "the leader was killed during the publish");
     assert_eq!(published.version, ModelVersion(0));
     assert_eq!(registry.backend().versions(&model)?, vec![ModelVersion(0)]);

@@ -13,8 +13,9 @@ use fedmesh_core_agg::registry::{SignedManifest, keys, sha256_hex, verify_manife
 use fedmesh_core_agg::service::config::Config;
 use fedmesh_core_agg::service::model::{TaskFacts, Weights};
 use fedmesh_core_agg::service::{self, Running};
+use fedmesh_protocol::accountant::RdpAccountant;
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
-use fedmesh_protocol::secagg::{PartialSumBuilder, SecAggPlan, StoreSession};
+use fedmesh_protocol::secagg::{PackedVector, PartialSumBuilder, SecAggPlan, StoreSession};
 use fedmesh_protocol::wire::{
     self, ApiError, Contribution, CoreMessage, EvaluationReport, ModelPointer, PartialSumAck,
     PartialSumHeader, ReceiptStatus, RoundAnnouncement, RoundReceipt, SecAggStep, StoreMessage,
@@ -24,6 +25,10 @@ use fedmesh_transport::{Client, ClientConfig, FileSvidSource, PeerPolicy, SendBo
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+
+#[cfg(feature = "etcd")]
+#[allow(dead_code)]
+mod support;
 
 const TRUST_DOMAIN: &str = "fedmesh.test";
 const STORES: [(&str, &str); 7] = [
@@ -279,6 +284,14 @@ expected_dropout = 0.1
         bail!("no {step:?} reply for {store}")
     }
 
+    async fn metrics(&self) -> Result<String> {
+        let (status, body) = self
+            .call(Method::GET, wire::METRICS, None, None, Vec::new())
+            .await?;
+        assert_eq!(status, StatusCode::OK);
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
     async fn status(&self) -> Result<serde_json::Value> {
         self.get_json("/v1/status").await
     }
@@ -416,6 +429,9 @@ impl Mesh {
         let ack: PartialSumAck = serde_json::from_slice(&body)?;
         assert_eq!(ack.accepted.len(), cohort.sessions.len());
 
+        // Core unmasks as soon as it holds t shares of every secret; a response after that
+        // finds the step closed (409), and only then.
+        let mut accepted = 0;
         for (store, session) in &mut cohort.sessions {
             let CoreMessage::Unmask(request) =
                 self.poll_step(round, SecAggStep::Unmask, store).await?
@@ -426,7 +442,15 @@ impl Mesh {
             let status = self
                 .post_secagg(round, store, &StoreMessage::UnmaskResponse(response))
                 .await?;
-            assert_eq!(status, StatusCode::ACCEPTED);
+            if status == StatusCode::ACCEPTED {
+                accepted += 1;
+            } else {
+                assert_eq!(status, StatusCode::CONFLICT, "{store}");
+                assert!(
+                    accepted >= cohort.plan.threshold(),
+                    "closed after {accepted}"
+                );
+            }
         }
         Ok(quantised)
     }
@@ -542,6 +566,12 @@ async fn a_secure_round_publishes_the_fedavg_of_the_quantised_updates() -> Resul
     assert_eq!(announcement.model_version, ModelVersion(0));
     assert_eq!(announcement.plan.dimension, 8, "shared parameters only");
     assert_eq!(announcement.task, TASK);
+    // The graph for three stores at the configured 10% expected dropout.
+    let (degree, threshold) = SecAggPlan::recommended_neighbourhood(3, 0.1);
+    assert_eq!(
+        (announcement.plan.degree, announcement.plan.threshold),
+        (degree, threshold)
+    );
 
     let mut cohort = mesh.exchange_keys(&announcement).await?;
     let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
@@ -787,5 +817,161 @@ async fn a_store_that_drops_after_sharing_is_unmasked_and_left_out() -> Result<(
         .await?;
     let receipt: RoundReceipt = serde_json::from_slice(&body)?;
     assert_eq!(receipt.status, ReceiptStatus::NotIncluded);
+
+    // What an operator's dashboard reads: the dropout, the four in the sum by region, one
+    // round's duration, the one partial sum's bytes, and each survivor's epsilon as the
+    // ledger has it; the epsilon gauges are there again after a restart.
+    let metrics = mesh.metrics().await?;
+    assert_eq!(metric(&metrics, "fedmesh_core_round_dropouts"), Some(1.0));
+    assert_eq!(metric(&metrics, "fedmesh_core_dropouts_total"), Some(1.0));
+    let by_region: f64 = ["north", "south"]
+        .iter()
+        .filter_map(|r| {
+            metric(
+                &metrics,
+                &format!("fedmesh_core_round_participants{{region=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(by_region, 4.0);
+    assert_eq!(
+        metric(&metrics, "fedmesh_core_round_duration_seconds_count"),
+        Some(1.0)
+    );
+    let plan = &cohort.plan;
+    let packed = PackedVector::pack(&vec![0; plan.vector_len()], plan.ring_bits())?;
+    assert_eq!(
+        metric(&metrics, "fedmesh_core_bytes_in_total"),
+        Some(packed.bytes.len() as f64)
+    );
+    let ledger: wire::LedgerSnapshot = mesh.get_json(wire::LEDGER).await?;
+    let survivor = &cohort.sessions[0].0;
+    let spent = ledger.budget - ledger.remaining[survivor];
+    assert!(spent > 0.0);
+    let gauge = format!("fedmesh_core_store_epsilon{{store=\"{survivor}\"}}");
+    let shown = metric(&metrics, &gauge).context("epsilon gauge")?;
+    assert!((shown - spent).abs() < 1e-9, "{shown} vs {spent}");
+    mesh.restart().await?;
+    let restarted = mesh.metrics().await?;
+    let shown = metric(&restarted, &gauge).context("epsilon gauge after restart")?;
+    assert!((shown - spent).abs() < 1e-9, "{shown} vs {spent}");
+    assert_eq!(
+        metric(&restarted, "fedmesh_core_registry_version"),
+        Some(1.0)
+    );
+    Ok(())
+}
+
+/// The value of one series in Prometheus text, by its name and labels as written.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_level_dp_charges_the_guaranteed_noise_not_the_survivors() -> Result<()> {
+    // Five stores selected, four guaranteed (min_cohort): all five survive, so the sum
+    // carries five stores' noise shares, but only four are promised in advance.
+    let mut mesh = Mesh::start(|text| {
+        *text = text
+            .replace("min_cohort = 3", "min_cohort = 4")
+            .replace("over_selection = 1.0", "over_selection = 1.25");
+        text.push_str("[privacy]\nunit = \"store\"\nstore_noise_multiplier = 1.0\n");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    assert_eq!(cohort.plan.cohort().len(), 5);
+    assert_eq!(cohort.plan.min_survivors(), 4);
+    mesh.upload_and_unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.wait_for_version(1).await?;
+
+    // One Poisson-subsampled Gaussian step for every eligible store: q = cohort/eligible,
+    // sigma = guaranteed stddev / clip_norm (1.0 in TASK), epsilon at delta 1e-5.
+    let ledger: wire::LedgerSnapshot = mesh.get_json(wire::LEDGER).await?;
+    let eligible = ledger.remaining.len();
+    assert!(eligible >= 5, "every eligible store is charged: {ledger:?}");
+    let epsilon_for = |sigma: f64| -> Result<f64> {
+        let mut accountant = RdpAccountant::new();
+        accountant.compose_poisson_gaussian(5.0 / eligible as f64, sigma, 1)?;
+        Ok(accountant.epsilon(1e-5)?)
+    };
+    let guaranteed = cohort.plan.planned_noise().context("store-level noise")?;
+    assert_eq!(guaranteed.stores, 4);
+    let expected = epsilon_for(guaranteed.stddev)?;
+    let realised = cohort.plan.noise_with(5).context("noise")?;
+    let hoped = epsilon_for(realised.stddev)?;
+    assert!(hoped < expected * 0.99, "the test tells the two apart");
+    for (store, remaining) in &ledger.remaining {
+        let spent = ledger.budget - remaining;
+        assert!(
+            (spent - expected).abs() <= 1e-9 * expected,
+            "{store}: spent {spent}, guaranteed noise gives {expected}, survivors' {hoped}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_on_etcd_publishes_there_and_serves_through_a_dead_member() -> Result<()> {
+    use fedmesh_core_agg::registry::Backend;
+    use fedmesh_core_agg::registry::etcd::EtcdBackend;
+
+    const PREFIX: &str = "/fedmesh/service-test";
+    let mut cluster = tokio::task::spawn_blocking(support::Cluster::start).await??;
+    let endpoints = cluster.endpoints.clone();
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let mut mesh = Mesh::start(|text| {
+        let registry = format!(
+            "[registry]\nbackend = \"etcd\"\netcd_endpoints = [{}]\netcd_prefix = \"{PREFIX}\"\n",
+            list.join(", ")
+        );
+        *text = text.replace("[registry]\n", &registry);
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    mesh.upload_and_unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.wait_for_version(1).await?;
+
+    // The pointer and both signed manifests live in the cluster.
+    let model = ModelId("oj-demand".into());
+    let blobs = tempfile::tempdir()?;
+    let etcd = EtcdBackend::connect(&endpoints, PREFIX, blobs.path())?;
+    assert_eq!(etcd.current(&model)?, Some(ModelVersion(1)));
+    assert_eq!(
+        etcd.versions(&model)?,
+        vec![ModelVersion(0), ModelVersion(1)]
+    );
+    let public = keys::read_verifying_key(&mesh.dir.path().join("keys/registry.pub"))?;
+    let signed = etcd
+        .manifest(&model, ModelVersion(1))?
+        .context("manifest 1 in etcd")?;
+    verify_manifest(&signed, &public, &model, Some(ModelVersion(1)))?;
+
+    // The leader dies: core still answers from the two members left, and a restarted core
+    // finds version 1 there instead of publishing the initial model again.
+    let leader = {
+        let probe = tokio::task::spawn_blocking(move || {
+            let index = cluster.leader();
+            (cluster, index)
+        });
+        let (back, index) = probe.await?;
+        cluster = back;
+        index?
+    };
+    cluster.kill(leader);
+    mesh.wait_for_version(1).await?;
+    mesh.published_shared(1).await?;
+    mesh.restart().await?;
+    let status = mesh.status().await?;
+    assert_eq!(status["current_version"], 1, "{status}");
+    assert_eq!(etcd.versions(&model)?.len(), 2, "nothing republished");
     Ok(())
 }

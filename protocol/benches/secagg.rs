@@ -294,7 +294,10 @@ fn run_round(plan: &SecAggPlan, dropped: &BTreeSet<StoreId>, seed: u64) -> Resul
         }
     }
     if outbox.is_empty() && core.outcome().is_none() {
-        now += wait;
+        // The dropped stores never upload: the upload deadline ends collection.
+        now = core
+            .next_deadline()
+            .context("an open round has a deadline")?;
         outbox = timed_core(&mut || Ok(core.handle_timeout(now)))?;
     }
 

@@ -379,3 +379,25 @@ fn phase_deadlines_add_up_from_the_start_whatever_ends_early() {
         Some(start + d.keys + d.shares + d.upload)
     );
 }
+
+#[test]
+fn recommended_neighbourhood_is_the_smallest_degree_that_keeps_secrets_recoverable() {
+    // Reference values by exact binomial sums in Python (math.comb): the smallest even k
+    // with n * P[Binomial(k, 1 - dropout) < k/2 + 1] <= 1e-6, else the complete graph.
+    let cases = [
+        ((3, 0.1), (2, 2)),
+        ((50, 0.2), (49, 25)),
+        ((100, 0.2), (74, 38)),
+        ((1000, 0.2), (84, 43)),
+        ((1000, 0.05), (24, 13)),
+        ((10_000, 0.1), (42, 22)),
+        ((200, 0.0), (2, 2)),
+    ];
+    for ((n, dropout), expected) in cases {
+        assert_eq!(
+            SecAggPlan::recommended_neighbourhood(n, dropout),
+            expected,
+            "n = {n}, dropout = {dropout}"
+        );
+    }
+}

@@ -12,8 +12,10 @@
 //! election costs time, not a failed publish. Because a retried call may follow one that
 //! landed but whose answer was lost, both writes treat finding their own value as success.
 //!
-//! The backend runs its own single-threaded runtime and blocks on it, so it must not be
-//! called from inside an async task; wrap it in `spawn_blocking` there.
+//! The backend runs its own single-threaded runtime and blocks on it. Called from a task of
+//! a multi-threaded tokio runtime (as `core-agg serve` does), it moves off the worker with
+//! `block_in_place` first; a current-thread runtime cannot block, so there it reports an
+//! error instead of stalling the runtime.
 
 use std::future::Future;
 use std::path::Path;
@@ -31,7 +33,8 @@ const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A registry whose manifests and pointers live in etcd.
 pub struct EtcdBackend {
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until drop, which shuts it down without blocking.
+    runtime: Option<tokio::runtime::Runtime>,
     client: Client,
     prefix: String,
     blobs: EmbeddedBackend,
@@ -57,11 +60,10 @@ impl EtcdBackend {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_timeout(Duration::from_secs(3));
-        let client = runtime
-            .block_on(Client::connect(endpoints, Some(options)))
+        let client = blocking(|| runtime.block_on(Client::connect(endpoints, Some(options))))?
             .map_err(|e| RegistryError::Storage(format!("etcd {endpoints:?}: {e}")))?;
         Ok(Self {
-            runtime,
+            runtime: Some(runtime),
             client,
             prefix: prefix.trim_end_matches('/').to_owned(),
             blobs: EmbeddedBackend::open(blob_dir)?,
@@ -74,21 +76,27 @@ impl EtcdBackend {
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.runtime.block_on(call(self.client.clone())) {
-                Ok(value) => return Ok(value),
-                Err(error) if started.elapsed() < CALL_DEADLINE => {
-                    tracing::debug!(%error, what, "etcd call failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => {
-                    return Err(RegistryError::Storage(format!("etcd {what}: {error}")));
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| RegistryError::Storage("etcd backend shut down".into()))?;
+        blocking(|| {
+            let started = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match runtime.block_on(call(self.client.clone())) {
+                    Ok(value) => return Ok(value),
+                    Err(error) if started.elapsed() < CALL_DEADLINE => {
+                        tracing::debug!(%error, what, "etcd call failed; retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    Err(error) => {
+                        return Err(RegistryError::Storage(format!("etcd {what}: {error}")));
+                    }
                 }
             }
-        }
+        })?
     }
 
     fn manifest_key(&self, model: &ModelId, version: ModelVersion) -> String {
@@ -105,6 +113,29 @@ impl EtcdBackend {
             async move { client.get(key, None).await }
         })?;
         Ok(response.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime's task.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs blocking work `f`: directly outside any runtime, through `block_in_place` on a
+/// multi-threaded one, and not at all on a current-thread one, which would stall.
+fn blocking<T>(f: impl FnOnce() -> T) -> Result<T, RegistryError> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => Ok(f()),
+        Ok(RuntimeFlavor::MultiThread) => Ok(tokio::task::block_in_place(f)),
+        Ok(_) => Err(RegistryError::Storage(
+            "the etcd backend blocks; call it from a multi-threaded runtime or a plain thread"
+                .into(),
+        )),
     }
 }
 

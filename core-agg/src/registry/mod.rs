@@ -248,6 +248,45 @@ pub trait Backend {
     ) -> Result<bool, RegistryError>;
 }
 
+/// A boxed backend, so that a service can choose its storage at start-up.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<(), RegistryError> {
+        (**self).put_blob(sha256, bytes)
+    }
+    fn blob(&self, sha256: &str) -> Result<Option<Vec<u8>>, RegistryError> {
+        (**self).blob(sha256)
+    }
+    fn put_manifest(
+        &self,
+        model: &ModelId,
+        version: ModelVersion,
+        signed: &SignedManifest,
+    ) -> Result<bool, RegistryError> {
+        (**self).put_manifest(model, version, signed)
+    }
+    fn manifest(
+        &self,
+        model: &ModelId,
+        version: ModelVersion,
+    ) -> Result<Option<SignedManifest>, RegistryError> {
+        (**self).manifest(model, version)
+    }
+    fn versions(&self, model: &ModelId) -> Result<Vec<ModelVersion>, RegistryError> {
+        (**self).versions(model)
+    }
+    fn current(&self, model: &ModelId) -> Result<Option<ModelVersion>, RegistryError> {
+        (**self).current(model)
+    }
+    fn swap_current(
+        &self,
+        model: &ModelId,
+        expected: Option<ModelVersion>,
+        new: ModelVersion,
+    ) -> Result<bool, RegistryError> {
+        (**self).swap_current(model, expected, new)
+    }
+}
+
 /// Checks that a model id is safe as a file name or key segment.
 ///
 /// # Errors

@@ -87,6 +87,13 @@ pub struct RegistryConfig {
     /// etcd endpoints (`http://127.0.0.1:2379`), for `backend = "etcd"`.
     #[serde(default)]
     pub etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd, so that several registries can share a cluster.
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
+}
+
+fn default_etcd_prefix() -> String {
+    "/fedmesh/registry".into()
 }
 
 /// Which registry storage.

@@ -22,13 +22,13 @@ use fedmesh_protocol::wire::{
 };
 use http::StatusCode;
 
-use super::config::{Config, Unit};
+use super::config::{BackendKind, Config, Unit};
 use super::metrics::Metrics;
 use super::model::{TaskFacts, Weights};
 use super::state::{Entry, Journal, OpenRound, Persisted};
 use crate::ledger::{self, Ledger, LedgerConfig};
 use crate::registry::embedded::EmbeddedBackend;
-use crate::registry::{Backend, Candidate, DpSpend, Registry, sha256_hex};
+use crate::registry::{Backend, Candidate, DpSpend, Registry, RegistryError, sha256_hex};
 use crate::rounds::{AbandonReason, Phase, Rejection, UpdateReport};
 use crate::strategy::Aggregator;
 use crate::{ModelId, Timestamp};
@@ -113,7 +113,7 @@ pub struct Core {
     task_text: String,
     task_sha256: String,
     task: TaskFacts,
-    registry: Registry<EmbeddedBackend>,
+    registry: Registry<Box<dyn Backend + Send>>,
     ledger: Ledger,
     ledger_path: PathBuf,
     state: Persisted,
@@ -135,11 +135,6 @@ impl Core {
     /// [`StartError`] naming the file or setting that is unusable.
     pub fn open(config: Config, now_ms: u64) -> Result<Self, StartError> {
         let other = |e: &dyn std::fmt::Display| StartError::Other(e.to_string());
-        if config.registry.backend != super::config::BackendKind::Embedded {
-            return Err(StartError::Other(
-                "registry.backend = \"etcd\" is not served yet; use \"embedded\"".into(),
-            ));
-        }
         let read = |what, path: &PathBuf| {
             std::fs::read(path).map_err(|source| StartError::Read {
                 what,
@@ -159,8 +154,7 @@ impl Core {
         })?;
         let key = crate::registry::keys::read_signing_key(&config.registry.signing_key)
             .map_err(|e| other(&e))?;
-        let backend =
-            EmbeddedBackend::open(&config.state_dir.join("registry")).map_err(|e| other(&e))?;
+        let backend = open_backend(&config).map_err(|e| other(&e))?;
         let registry = Registry::new(backend, key);
         let model = ModelId(config.model.clone());
 
@@ -233,6 +227,7 @@ impl Core {
         core.metrics
             .registry_version
             .set(core.current_version().map_or(-1, |v| v.0 as i64));
+        core.refresh_epsilon_gauges(Timestamp(now_ms / 1000));
 
         // 3. Resume the open round.
         core.replay().map_err(|e| other(&e))?;
@@ -781,10 +776,38 @@ fn internal(error: &dyn std::fmt::Display) -> Refusal {
     )
 }
 
+/// The registry storage `[registry]` names: the embedded store under `state_dir`, or etcd
+/// for manifests and pointers with blobs under `state_dir`.
+pub fn open_backend(config: &Config) -> Result<Box<dyn Backend + Send>, RegistryError> {
+    let dir = config.state_dir.join("registry");
+    match config.registry.backend {
+        BackendKind::Embedded => Ok(Box::new(EmbeddedBackend::open(&dir)?)),
+        #[cfg(feature = "etcd")]
+        BackendKind::Etcd => {
+            let r = &config.registry;
+            tracing::info!(endpoints = ?r.etcd_endpoints, prefix = %r.etcd_prefix,
+                "registry in etcd");
+            Ok(Box::new(crate::registry::etcd::EtcdBackend::connect(
+                &r.etcd_endpoints,
+                &r.etcd_prefix,
+                &dir,
+            )?))
+        }
+        #[cfg(not(feature = "etcd"))]
+        BackendKind::Etcd => Err(RegistryError::Storage(
+            "registry.backend = \"etcd\": this core-agg was built without the etcd feature \
+             (cargo build -p fedmesh-core-agg --features etcd)"
+                .into(),
+        )),
+    }
+}
+
 fn dp_spend(config: &Config, task: &TaskFacts, epsilon: f64) -> DpSpend {
-    let (noise, clip) = task
-        .dp
-        .map_or((0.0, 0.0), |dp| (dp.noise_multiplier, dp.clip_norm));
+    // Record-level DP noises each store's steps; store-level DP noises the cohort sum.
+    let (noise, clip) = task.dp.map_or((0.0, 0.0), |dp| match config.privacy.unit {
+        Unit::Record => (dp.noise_multiplier, dp.clip_norm),
+        Unit::Store => (config.privacy.store_noise_multiplier, dp.clip_norm),
+    });
     DpSpend {
         unit: match config.privacy.unit {
             Unit::Record => "record".into(),

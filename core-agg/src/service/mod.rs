@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod model;
 pub mod state;
 
+pub use self::core::open_backend;
 pub use http::{Running, ServeError, start};

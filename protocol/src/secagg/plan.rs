@@ -429,10 +429,13 @@ impl SecAggPlan {
         let mask = ring_mask(self.ring_bits);
         let level = |x: f32, rng: &mut R| {
             let y = f64::from(x.clamp(-clip, clip)) * scale;
-            let floor = y.floor();
+            // |y| <= 2^(b-1), so the cast is exact after truncation; stepping down for
+            // negative non-integers gives the floor without a libm call.
+            let truncated = y as i64;
+            let floor = truncated - i64::from((truncated as f64) > y);
             // Round up with probability equal to the fraction, so E[level] = y.
-            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-            let mut q = floor as i64 + i64::from(u < y - floor);
+            let u = f64::from(rng.next_u32()) * (1.0 / 4_294_967_296.0);
+            let mut q = floor + i64::from(u < y - floor as f64);
             if let Some(g) = &self.noise {
                 q += g.sample(rng);
             }

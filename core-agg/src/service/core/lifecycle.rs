@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use fedmesh_protocol::ids::{Region, RoundId, StoreId};
-use fedmesh_protocol::secagg::{Masking, PlanConfig, SecAggPlan};
-use fedmesh_protocol::wire::{self, PhaseDeadlines};
+use fedmesh_protocol::secagg::{GuaranteedNoise, Masking, PlanConfig, SecAggPlan};
+use fedmesh_protocol::wire::PhaseDeadlines;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -292,7 +292,7 @@ impl Core {
         let now = Timestamp(now_ms / 1000);
         let result = match outcome {
             Err(failure) => Err(failure.to_string()),
-            Ok(outcome) => self.aggregate(now_ms, &outcome.sum, &outcome.survivors),
+            Ok(outcome) => self.aggregate(now_ms, &outcome.sum, &outcome.survivors, outcome.noise),
         };
         let Some(open) = self.state.current.as_mut() else {
             return true;
@@ -307,7 +307,17 @@ impl Core {
 
     /// Decodes the cohort sum, applies the strategy, stores the candidate blob and charges
     /// the ledger.
-    fn aggregate(&mut self, now_ms: u64, sum: &[u64], survivors: &[StoreId]) -> Result<(), String> {
+    ///
+    /// `guaranteed` is the noise the plan guarantees in the decoded sum (counting only the
+    /// plan's minimum of survivors); store-level DP charges for it, never for the noise of
+    /// the stores that happened to survive beyond that minimum.
+    fn aggregate(
+        &mut self,
+        now_ms: u64,
+        sum: &[u64],
+        survivors: &[StoreId],
+        guaranteed: Option<GuaranteedNoise>,
+    ) -> Result<(), String> {
         let live = self.live.as_ref().ok_or("no session")?;
         let decoded = live.session.plan().decode(sum);
         let cohort_len = live.session.plan().cohort().len();
@@ -337,20 +347,7 @@ impl Core {
             .map_err(|e| format!("candidate blob: {e}"))?;
 
         // 3. The ledger.
-        let open = self.state.current.as_ref().ok_or("no round")?;
-        let (round, contributions, eligible) = (
-            open.round.id(),
-            open.contributions.clone(),
-            open.eligible.clone(),
-        );
-        self.charge(
-            now_ms,
-            round,
-            survivors,
-            &contributions,
-            &eligible,
-            cohort_len,
-        )?;
+        self.charge(now_ms, survivors, cohort_len, guaranteed)?;
 
         let open = self.state.current.as_mut().ok_or("no round")?;
         open.candidate = Some(sha);
@@ -362,12 +359,13 @@ impl Core {
     fn charge(
         &mut self,
         now_ms: u64,
-        round: RoundId,
         survivors: &[StoreId],
-        contributions: &BTreeMap<StoreId, wire::Contribution>,
-        eligible: &[StoreId],
         cohort: usize,
+        guaranteed: Option<GuaranteedNoise>,
     ) -> Result<(), String> {
+        let open = self.state.current.as_ref().ok_or("no round")?;
+        let (round, contributions, eligible) =
+            (open.round.id(), &open.contributions, &open.eligible);
         let now = Timestamp(now_ms / 1000);
         match (self.config.privacy.unit, self.task.dp) {
             (Unit::Record, Some(dp)) => {
@@ -386,7 +384,11 @@ impl Core {
                     }
                 }
             }
-            (Unit::Store, Some(_)) => {
+            (Unit::Store, Some(dp)) => {
+                // One store moves the sum by at most clip_norm, so the multiplier is the
+                // guaranteed stddev in those units.
+                let noise = guaranteed.ok_or("store-level DP, but the plan carried no noise")?;
+                let multiplier = noise.stddev / dp.clip_norm;
                 let eligible: Vec<StoreId> = if eligible.len() >= cohort {
                     eligible.to_vec()
                 } else {
@@ -397,7 +399,7 @@ impl Core {
                         &self.model,
                         round,
                         now,
-                        self.config.privacy.store_noise_multiplier,
+                        multiplier,
                         cohort.min(eligible.len()),
                         &eligible,
                     )
@@ -407,6 +409,13 @@ impl Core {
             (_, None) => {}
         }
         ledger::save(&self.ledger, &self.ledger_path).map_err(|e| format!("ledger: {e}"))?;
+        self.refresh_epsilon_gauges(now);
+        Ok(())
+    }
+
+    /// Sets each known store's epsilon gauge from the ledger: after a charge, and at
+    /// start-up so that a restarted core reports the spend it resumed with.
+    pub(super) fn refresh_epsilon_gauges(&self, now: Timestamp) {
         for store in &self.state.known_stores {
             let status = self.ledger.status(&self.model, store, now);
             self.metrics
@@ -414,7 +423,6 @@ impl Core {
                 .get_or_create(&vec![("store".into(), store.0.clone())])
                 .set(status.record.spent.max(status.store.spent));
         }
-        Ok(())
     }
 
     fn publish(&mut self, now_ms: u64, loss: f64) {
