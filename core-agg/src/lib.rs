@@ -16,7 +16,6 @@ pub mod ledger;
 pub mod registry;
 pub mod rounds;
 pub mod service;
-pub mod statistics;
 pub mod strategy;
 
 use std::fmt;

@@ -115,6 +115,8 @@ pub enum Phase {
 pub enum Outcome {
     /// The candidate was published as this version.
     Committed(ModelVersion),
+    /// A statistics round's sum was decoded; there is no model to publish.
+    Measured,
     /// The round was given up; the current model stays.
     Abandoned(AbandonReason),
 }
@@ -539,6 +541,19 @@ impl Round {
             Ok(version) => self.end(Outcome::Committed(version)),
             Err(reason) => self.abandon(AbandonReason::PublishFailed(reason)),
         }
+        Ok(())
+    }
+
+    /// Ends a statistics round whose sum was decoded: there is no candidate to evaluate or
+    /// publish.
+    ///
+    /// # Errors
+    ///
+    /// [`Rejection::StaleRound`] or [`Rejection::WrongPhase`] when it does not fit.
+    pub fn handle_measured(&mut self, round: RoundId) -> Result<(), Rejection> {
+        self.check(round, self.version, Phase::Aggregating)?;
+        tracing::info!(round.id = %self.id, "statistics round measured");
+        self.end(Outcome::Measured);
         Ok(())
     }
 

@@ -15,7 +15,9 @@ use fedmesh_core_agg::service::model::{TaskFacts, Weights};
 use fedmesh_core_agg::service::{self, Running};
 use fedmesh_protocol::accountant::RdpAccountant;
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
-use fedmesh_protocol::secagg::{PackedVector, PartialSumBuilder, SecAggPlan, StoreSession};
+use fedmesh_protocol::secagg::{
+    PackedVector, PartialSumBuilder, QuantisedUpdate, SecAggPlan, StoreSession,
+};
 use fedmesh_protocol::wire::{
     self, ApiError, Contribution, CoreMessage, EvaluationReport, ModelPointer, PartialSumAck,
     PartialSumHeader, ReceiptStatus, RoundAnnouncement, RoundReceipt, SecAggStep, StoreMessage,
@@ -344,6 +346,9 @@ struct Cohort {
     sessions: Vec<(StoreId, StoreSession)>,
 }
 
+/// How a test store turns its data into ring values.
+type Quantiser = dyn Fn(&SecAggPlan, &StoreId, &mut ChaCha20Rng) -> Result<QuantisedUpdate> + Sync;
+
 impl Mesh {
     /// Steps 1 and 2: key adverts and encrypted shares for every cohort store.
     async fn exchange_keys(&mut self, announcement: &RoundAnnouncement) -> Result<Cohort> {
@@ -382,6 +387,31 @@ impl Mesh {
         round: RoundId,
         cohort: &mut Cohort,
     ) -> Result<Vec<Vec<u64>>> {
+        self.upload_and_unmask_with(round, cohort, &|plan, store, rng| {
+            Ok(plan.quantise(&update_of(store), rng)?)
+        })
+        .await
+    }
+
+    /// [`Mesh::upload_and_unmask`] with each store's vector from `quantise`.
+    async fn upload_and_unmask_with(
+        &mut self,
+        round: RoundId,
+        cohort: &mut Cohort,
+        quantise: &Quantiser,
+    ) -> Result<Vec<Vec<u64>>> {
+        let quantised = self.upload_with(round, cohort, quantise).await?;
+        self.unmask(round, cohort).await?;
+        Ok(quantised)
+    }
+
+    /// Steps 3 and 4 only: the partial sum reaches core, nobody unmasks yet.
+    async fn upload_with(
+        &mut self,
+        round: RoundId,
+        cohort: &mut Cohort,
+        quantise: &Quantiser,
+    ) -> Result<Vec<Vec<u64>>> {
         let mut builder = PartialSumBuilder::new(cohort.plan.clone());
         let mut quantised = Vec::new();
         let mut contributors = Vec::new();
@@ -392,7 +422,7 @@ impl Mesh {
                 bail!("shares step answered something else");
             };
             session.handle_shares(&shares)?;
-            let q = cohort.plan.quantise(&update_of(store), &mut self.rng)?;
+            let q = quantise(&cohort.plan, store, &mut self.rng)?;
             quantised.push(q.values().to_vec());
             builder.fold(&session.mask(&q)?)?;
             let region = STORES
@@ -428,11 +458,20 @@ impl Mesh {
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let ack: PartialSumAck = serde_json::from_slice(&body)?;
         assert_eq!(ack.accepted.len(), cohort.sessions.len());
+        Ok(quantised)
+    }
 
+    /// Step 5: every store answers core's unmask request.
+    async fn unmask(&mut self, round: RoundId, cohort: &mut Cohort) -> Result<()> {
         // Core unmasks as soon as it holds t shares of every secret; a response after that
         // finds the step closed (409), and only then.
         let mut accepted = 0;
         for (store, session) in &mut cohort.sessions {
+            // A statistics round ends at unmasking: the rest of the cohort finds it closed.
+            if accepted >= cohort.plan.threshold() && self.status().await?["round"]["id"] != round.0
+            {
+                break;
+            }
             let CoreMessage::Unmask(request) =
                 self.poll_step(round, SecAggStep::Unmask, store).await?
             else {
@@ -452,7 +491,7 @@ impl Mesh {
                 );
             }
         }
-        Ok(quantised)
+        Ok(())
     }
 
     /// The held-out evaluators score the candidate once it is announced.
@@ -504,6 +543,23 @@ impl Mesh {
             "version {version} never published: {}",
             self.status().await?
         )
+    }
+
+    /// Waits for version 1 and checks that it is the FedAvg of `quantised`, within 1e-5
+    /// (see the first test for why that is ample).
+    async fn publishes_fedavg_of(&self, cohort: &Cohort, quantised: &[Vec<u64>]) -> Result<()> {
+        self.wait_for_version(1).await?;
+        let published = self.published_shared(1).await?;
+        let expected = expected_model(&cohort.plan, quantised);
+        for j in 0..8 {
+            assert!(
+                (f64::from(published[j]) - expected[j]).abs() < 1e-5,
+                "coordinate {j}: {} vs {}",
+                published[j],
+                expected[j]
+            );
+        }
+        Ok(())
     }
 
     /// The published version's shared parameters, after verifying it as a store does.
@@ -758,18 +814,49 @@ async fn a_round_resumes_after_core_restarts_mid_round() -> Result<()> {
     // The stores carry on where they were: the replies they poll for are still there.
     let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
     mesh.evaluate(round, 0.9).await?;
-    mesh.wait_for_version(1).await?;
-    let published = mesh.published_shared(1).await?;
-    let expected = expected_model(&cohort.plan, &quantised);
-    for j in 0..8 {
-        assert!(
-            (f64::from(published[j]) - expected[j]).abs() < 1e-5,
-            "coordinate {j}"
-        );
-    }
+    mesh.publishes_fedavg_of(&cohort, &quantised).await?;
     let status = mesh.status().await?;
     assert_eq!(status["rounds_completed"], 1);
     assert_eq!(status["rounds_abandoned"], 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_resumes_after_core_restarts_between_upload_and_unmasking() -> Result<()> {
+    let mut mesh = Mesh::start(|text| {
+        *text = text.replace("unmask_s = 3", "unmask_s = 10");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    let quantised = mesh
+        .upload_with(round, &mut cohort, &|plan, store, rng| {
+            Ok(plan.quantise(&update_of(store), rng)?)
+        })
+        .await?;
+
+    // Core dies holding the acknowledged partial sum, before any store unmasked: the
+    // journal gives it back, and the unmask requests are asked again.
+    mesh.restart().await?;
+    assert_eq!(mesh.announcement().await?.round, round);
+    mesh.unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.publishes_fedavg_of(&cohort, &quantised).await?;
+    // The ledger charged the contributors once, and keeps it through a restart.
+    let ledger: wire::LedgerSnapshot = mesh.get_json(wire::LEDGER).await?;
+    let charged = cohort
+        .sessions
+        .iter()
+        .filter(|(s, _)| ledger.remaining.get(s).is_some_and(|r| *r < ledger.budget))
+        .count();
+    assert_eq!(charged, cohort.sessions.len());
+    mesh.restart().await?;
+    let again: wire::LedgerSnapshot = mesh.get_json(wire::LEDGER).await?;
+    assert_eq!(
+        again.remaining, ledger.remaining,
+        "the ledger survives a restart"
+    );
     Ok(())
 }
 
@@ -973,5 +1060,106 @@ async fn a_core_on_etcd_publishes_there_and_serves_through_a_dead_member() -> Re
     let status = mesh.status().await?;
     assert_eq!(status["current_version"], 1, "{status}");
     assert_eq!(etcd.versions(&model)?.len(), 2, "nothing republished");
+    Ok(())
+}
+
+/// A test store's rows (3 features; target): 20 + s rows around store-dependent levels.
+fn rows_of(store: &StoreId) -> (Vec<f32>, Vec<f32>) {
+    let s: f32 = store.0.parse().unwrap_or(0.0);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for i in 0..(20 + s as usize) {
+        let i = i as f32;
+        x.extend([10.5 + 0.01 * s + 0.003 * i, (i % 3.0) - 1.0, s * 0.25]);
+        y.push(9.0 + 0.1 * i - 0.2 * s);
+    }
+    (x, y)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statistics_round_gives_the_training_rounds_the_cohorts_normalisation() -> Result<()> {
+    let mut mesh = Mesh::start(|text| {
+        text.push_str("[statistics]\nenabled = true\nmax_rows = 1000\nbound = 50.0\n");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let task = announcement
+        .statistics
+        .clone()
+        .context("a statistics round first")?;
+    assert_eq!(task.features, 3, "model.inputs");
+    assert_eq!(announcement.plan.dimension as usize, task.levels_len());
+    assert_eq!(announcement.task, TASK);
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    let encode = task.clone();
+    mesh.upload_and_unmask_with(round, &mut cohort, &move |plan, store, rng| {
+        let (x, y) = rows_of(store);
+        let levels = encode.encode(3, &x, &y, plan.max_level())?;
+        Ok(plan.levels(&levels, rng)?)
+    })
+    .await?;
+
+    // The pooled figures by hand, in f64 over the cohort's rows.
+    let (mut n, mut sum, mut sq) = (0.0f64, [0.0f64; 4], [0.0f64; 4]);
+    for (store, _) in &cohort.sessions {
+        let (x, y) = rows_of(store);
+        for (row, &t) in x.chunks(3).zip(&y) {
+            for (j, v) in row.iter().chain([&t]).enumerate() {
+                sum[j] += f64::from(*v);
+                sq[j] += f64::from(*v) * f64::from(*v);
+            }
+            n += 1.0;
+        }
+    }
+
+    // The next round trains, and its task carries the normalisation.
+    let next = loop {
+        let a = mesh.announcement().await?;
+        if a.round != round {
+            break a;
+        }
+        tokio::time::sleep(STEP).await;
+    };
+    assert!(next.statistics.is_none());
+    assert_eq!(
+        next.plan.dimension, 8,
+        "training again: the shared parameters"
+    );
+    assert!(next.task.starts_with(TASK.trim_end()));
+    assert_eq!(next.task_sha256, sha256_hex(next.task.as_bytes()));
+    let parsed: toml::Table = toml::from_str(&next.task)?;
+    let norm = parsed["normalisation"]
+        .as_table()
+        .context("[normalisation]")?;
+    let floats = |key: &str| -> Vec<f64> {
+        norm[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(toml::Value::as_float).collect())
+            .unwrap_or_default()
+    };
+    let (mean, std) = (floats("mean"), floats("std"));
+    assert_eq!(mean.len(), 3);
+    for j in 0..3 {
+        let m = sum[j] / n;
+        let sd = (sq[j] / n - m * m).sqrt();
+        assert!((mean[j] - m).abs() <= 1e-9 * m.abs().max(1.0), "mean {j}");
+        // Feature 2 is constant within a store but not across the cohort.
+        assert!(
+            (std[j] - sd).abs() <= 1e-6 * sd,
+            "std {j}: {} vs {sd}",
+            std[j]
+        );
+    }
+    let target_mean = norm["target_mean"].as_float().context("target_mean")?;
+    assert!((target_mean - sum[3] / n).abs() <= 1e-9 * (sum[3] / n));
+
+    let status = mesh.status().await?;
+    assert_eq!(status["history"][0]["outcome"], "measured");
+    assert_eq!(
+        status["rounds_completed"], 0,
+        "statistics do not count as training"
+    );
+    assert_eq!(status["current_version"], 0, "nothing published");
+    assert_eq!(status["statistics"]["result"]["count"], n);
     Ok(())
 }

@@ -165,6 +165,10 @@ pub(crate) struct Outcome {
     pub stores: Vec<LabStore>,
     pub task: TaskConfig,
     pub normalisation: Normalisation,
+    /// The federated statistics against the lab's pooled fit, when core measured them.
+    pub statistics: Option<serde_json::Value>,
+    /// The honest stores' upload queues and audit logs once the mesh stopped.
+    pub stores_at_end: serde_json::Value,
     pub status: serde_json::Value,
     pub ledger: Option<serde_json::Value>,
     pub samples: Vec<RoundSample>,
@@ -306,6 +310,11 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
 
     // 5. Follow the rounds, injecting faults.
     let mut follow = Follower::new(scenario);
+    follow.honest = stores
+        .iter()
+        .filter(|s| s.adversary.is_none())
+        .map(|s| s.id.clone())
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(scenario.rounds.timeout_s);
     let mut status = serde_json::Value::Null;
     let mut faults: Vec<String> = stores
@@ -389,10 +398,24 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         })
         .collect();
     drop(mesh);
+    let stores_at_end = stores_at_end(&stores);
+    // The test rows are normalised as the stores trained: with what core measured, if it
+    // ran a statistics round.
+    let measured = measured_normalisation(&status);
+    let statistics = match &measured {
+        Some(m) => Some(compare_normalisation(m, scenario, &status)?),
+        None => None,
+    };
+    let normalisation = measured.unwrap_or(normalisation);
+    // Fresh heads in the report start where the stores' did: at the announced target mean.
+    let mut task = task;
+    task.normalisation = Some(normalisation.clone());
     Ok(Outcome {
         stores,
         task,
         normalisation,
+        statistics,
+        stores_at_end,
         status,
         ledger,
         samples,
@@ -663,14 +686,122 @@ fn write_task(scenario: &Scenario, layout: &Layout) -> Result<(TaskConfig, Norma
         local_head: scenario.training.local_head,
         dp,
     };
-    let task = task_config::task_config(
+    let mut task = task_config::task_config(
         spec.feature_count(),
         &local,
         normalisation.clone(),
         scenario.seed,
     );
-    std::fs::write(layout.root.join("task.toml"), toml::to_string(&task)?)?;
+    // With federated statistics core measures the normalisation and announces it; the
+    // pooled fit stays in the lab, to compare with.
+    let mut written = task.clone();
+    if scenario.training.federated_statistics {
+        written.normalisation = None;
+        task.normalisation = None;
+    }
+    std::fs::write(layout.root.join("task.toml"), toml::to_string(&written)?)?;
     Ok((task, normalisation))
+}
+
+/// What the honest stores left behind: updates still queued (none, once every round they
+/// joined has closed and its receipt came back) and whether each audit chain verifies.
+fn stores_at_end(stores: &[LabStore]) -> serde_json::Value {
+    use fedmesh_store_agent::daemon::state::StateDir;
+    let (mut queued, mut holding, mut verified, mut broken) =
+        (0usize, Vec::new(), 0usize, Vec::new());
+    let honest: Vec<&LabStore> = stores.iter().filter(|s| s.adversary.is_none()).collect();
+    for store in &honest {
+        let Ok(dir) = StateDir::open(&store.state_dir) else {
+            broken.push(store.id.clone());
+            continue;
+        };
+        let left = fedmesh_store_agent::queue::UploadQueue::open(&dir.queue_dir())
+            .and_then(|q| q.list())
+            .map_or(0, |l| l.len());
+        if left > 0 {
+            holding.push(store.id.clone());
+        }
+        queued += left;
+        match fedmesh_store_agent::audit::verify(&dir.audit_log()) {
+            Ok(Ok(_)) => verified += 1,
+            _ => broken.push(store.id.clone()),
+        }
+    }
+    serde_json::json!({
+        "stores": honest.len(),
+        "queued_updates": queued,
+        "stores_holding_updates": holding,
+        "audit_chains_verified": verified,
+        "audit_chains_broken": broken,
+    })
+}
+
+/// The normalisation core measured in its statistics round, from its status.
+fn measured_normalisation(status: &serde_json::Value) -> Option<Normalisation> {
+    let result = &status["statistics"]["result"];
+    let floats = |key: &str| -> Option<Vec<f64>> {
+        result[key].as_array()?.iter().map(|v| v.as_f64()).collect()
+    };
+    Some(Normalisation {
+        mean: floats("mean")?,
+        std: floats("std")?,
+        target_mean: result["target_mean"].as_f64(),
+    })
+}
+
+/// How far the federated statistics are from the lab's pooled fit over the training rows of
+/// the stores that were in the statistics round's sum: mean errors in units of the pooled
+/// deviation, deviation errors relative to it.
+fn compare_normalisation(
+    measured: &Normalisation,
+    scenario: &Scenario,
+    status: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let round = &status["statistics"]["round"];
+    let contributors: Vec<&str> = status["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["round"] == *round)
+        .and_then(|r| r["survivors"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let (_, dataset) = task_config::load_dominicks(&scenario.data.dir, Some(&scenario.data.spec))?;
+    let pooled = Normalisation::fit(
+        dataset
+            .stores
+            .iter()
+            .filter(|s| contributors.contains(&s.store.0.as_str()))
+            .map(|s| &s.train),
+    )?;
+    let mean_error = measured
+        .mean
+        .iter()
+        .zip(&pooled.mean)
+        .zip(&pooled.std)
+        .map(|((m, p), s)| (m - p).abs() / s)
+        .fold(0.0f64, f64::max);
+    let std_error = measured
+        .std
+        .iter()
+        .zip(&pooled.std)
+        .map(|(m, p)| (m - p).abs() / p)
+        .fold(0.0f64, f64::max);
+    let target_error = match (measured.target_mean, pooled.target_mean) {
+        (Some(m), Some(p)) => Some((m - p).abs()),
+        _ => None,
+    };
+    Ok(serde_json::json!({
+        "round": round,
+        "stores": contributors.len(),
+        "rows": status["statistics"]["result"]["count"],
+        "features": measured.mean.len(),
+        "max_mean_error_in_pooled_std": mean_error,
+        "max_std_relative_error": std_error,
+        "target_mean_abs_error": target_error,
+    }))
 }
 
 fn write_initial_model(task: &TaskConfig, path: &Path, seed: u64) -> Result<()> {
@@ -749,6 +880,9 @@ expected_dropout = 0.1
 unit = "{unit}"
 budget = {budget}
 delta = {delta}
+
+[statistics]
+enabled = {statistics}
 "#,
         pki = layout.pki.join("core").display(),
         state = layout.state.join("core").display(),
@@ -778,6 +912,7 @@ delta = {delta}
         kept = c.kept_fraction,
         budget = if p.unit == "none" { 1e9 } else { p.epsilon },
         delta = p.delta,
+        statistics = t.federated_statistics,
     );
     let path = layout.conf.join("core.toml");
     std::fs::write(&path, text)?;
@@ -1124,6 +1259,10 @@ struct Follower {
     seen: usize,
     churn_round: Option<u64>,
     churned: BTreeMap<String, String>,
+    /// Stores in a WAN outage, with when their links return.
+    outage: BTreeMap<String, Instant>,
+    /// The honest stores' ids, which outages choose from.
+    honest: Vec<String>,
     applied: BTreeSet<String>,
     rng: ChaCha8Rng,
     payload: BTreeMap<u64, u64>,
@@ -1135,6 +1274,8 @@ impl Follower {
             seen: 0,
             churn_round: None,
             churned: BTreeMap::new(),
+            outage: BTreeMap::new(),
+            honest: Vec::new(),
             applied: BTreeSet::new(),
             rng: ChaCha8Rng::seed_from_u64(scenario.seed ^ 0x0c4e_5eed),
             payload: BTreeMap::new(),
@@ -1207,10 +1348,13 @@ impl Follower {
         let id = round["id"].as_u64();
         let phase = phase_of(round);
 
-        // 1. Churn: restore last round's stores, pick this round's, cut each at its phase.
+        // 1. Churn: restore last round's stores (unless an outage holds them), pick this
+        //    round's, cut each at its phase.
         if id != self.churn_round {
             for store in std::mem::take(&mut self.churned).keys() {
-                if let Some(relay) = mesh.relays.get(store) {
+                if let Some(relay) = mesh.relays.get(store)
+                    && !self.outage.contains_key(store)
+                {
                     relay.set_cut(false);
                 }
             }
@@ -1279,7 +1423,52 @@ impl Follower {
             }
         }
 
-        // 3. Core restarts.
+        // 3. WAN outages: cut a share of the honest stores' links, and give them back when
+        //    the outage ends (a store churned in the open round waits for the churn's end).
+        let now = Instant::now();
+        let over: Vec<String> = self
+            .outage
+            .iter()
+            .filter(|(_, until)| now >= **until)
+            .map(|(s, _)| s.clone())
+            .collect();
+        if !over.is_empty() {
+            for store in &over {
+                self.outage.remove(store);
+                if let Some(relay) = mesh.relays.get(store)
+                    && !self.churned.contains_key(store)
+                {
+                    relay.set_cut(false);
+                }
+            }
+            lines.push(format!(
+                "WAN back for {} stores in round {at} ({seen})",
+                over.len()
+            ));
+        }
+        for (i, fault) in scenario.faults.outages.iter().enumerate() {
+            let key = format!("outage {i}");
+            if self.applied.contains(&key) || !due(fault.round, &fault.phase) {
+                continue;
+            }
+            self.applied.insert(key);
+            let mut honest = self.honest.clone();
+            honest.shuffle(&mut self.rng);
+            let n = (honest.len() as f64 * fault.share).round() as usize;
+            let until = now + Duration::from_secs(fault.duration_s);
+            for store in honest.into_iter().take(n) {
+                if let Some(relay) = mesh.relays.get(&store) {
+                    relay.set_cut(true);
+                }
+                self.outage.insert(store, until);
+            }
+            lines.push(format!(
+                "WAN outage for {n} stores, {} s, in round {at} ({seen})",
+                fault.duration_s
+            ));
+        }
+
+        // 4. Core restarts.
         for fault in &scenario.faults.core {
             let key = format!("core {}", fault.round);
             if self.applied.contains(&key) || !due(fault.round, &fault.phase) {

@@ -277,9 +277,11 @@ pub(crate) fn write(
 
     // 4. Figures.
     let status = &outcome.status;
+    // Training rounds' uploads; a statistics round sends moments, not an update.
     let payload: Vec<u64> = outcome
         .samples
         .iter()
+        .filter(|s| s.outcome != "measured")
         .filter_map(|s| s.payload_bytes_per_store)
         .collect();
     let uplink = median(&payload);
@@ -297,7 +299,7 @@ pub(crate) fn write(
     let abandoned: Vec<Value> = outcome
         .samples
         .iter()
-        .filter(|s| s.outcome != "committed")
+        .filter(|s| s.outcome == "abandoned")
         .map(|s| json!({"round": s.round, "reason": s.reason}))
         .collect();
     let durations: Vec<f64> = outcome.samples.iter().map(|s| s.duration_s).collect();
@@ -318,6 +320,8 @@ pub(crate) fn write(
         "model_version": model_version,
         "model_sha256": model_sha256,
         "signature_verified": signature_verified,
+        "federated_statistics": outcome.statistics,
+        "stores_at_end": outcome.stores_at_end,
         "wall_seconds": outcome.wall_seconds,
         "startup_seconds": outcome.startup_seconds,
         "round_wall_seconds_median": median_f(&durations),
@@ -417,6 +421,21 @@ fn markdown(scenario: &Scenario, summary: &Value, plots: &[String]) -> String {
                 .as_f64()
                 .map_or("-".into(), |v| format!("{v:.4}")),
             eps,
+        );
+    }
+    let stats = &summary["federated_statistics"];
+    if !stats.is_null() {
+        out += &format!(
+            "\n## Normalisation\n\nMeasured by federated statistics round {} over {} rows \
+             of {} stores: means within {:.2e} pooled deviations and deviations within \
+             {:.2e} (relative) of the lab's fit on the same stores' pooled training rows.\n",
+            stats["round"],
+            stats["rows"],
+            stats["stores"],
+            stats["max_mean_error_in_pooled_std"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            stats["max_std_relative_error"].as_f64().unwrap_or(f64::NAN),
         );
     }
     if !summary["faults"].as_array().is_none_or(Vec::is_empty) {

@@ -192,6 +192,10 @@ pub struct TrainingSection {
     /// Server learning rate (FedAdam, FedYogi).
     #[serde(default = "default_server_lr")]
     pub server_lr: f64,
+    /// Measure the normalisation with a federated-statistics round before training, instead
+    /// of writing the lab's pooled fit into the task.
+    #[serde(default)]
+    pub federated_statistics: bool,
 }
 
 fn default_mode() -> String {
@@ -307,6 +311,34 @@ pub struct Faults {
     pub core: Vec<CoreFault>,
     /// Adversarial stores.
     pub adversaries: Vec<Adversary>,
+    /// WAN outages that start at a round's phase.
+    pub outages: Vec<Outage>,
+}
+
+/// A WAN outage: at `round`'s `phase`, a share of the honest stores lose their links for
+/// `duration_s` seconds; their queued updates are delivered when the links return, or their
+/// rounds close without them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outage {
+    /// The round it starts in.
+    pub round: u64,
+    /// The phase it starts at: `keys`, `shares`, `upload`, `unmask`.
+    #[serde(default = "default_outage_phase")]
+    pub phase: String,
+    /// How long the links stay down, seconds.
+    pub duration_s: u64,
+    /// Share of the honest stores cut (0-1), chosen with the scenario's seed.
+    #[serde(default = "default_outage_share")]
+    pub share: f64,
+}
+
+fn default_outage_phase() -> String {
+    "upload".into()
+}
+
+fn default_outage_share() -> f64 {
+    1.0
 }
 
 /// Store churn: a share of each round's cohort loses its link at one phase and comes back
@@ -522,6 +554,17 @@ impl Scenario {
                 return bad(
                     "faults.pops",
                     format!("{} {} is unknown", fault.action, fault.pop),
+                );
+            }
+        }
+        for outage in &self.faults.outages {
+            if !(0.0..=1.0).contains(&outage.share)
+                || !PHASES.contains(&outage.phase.as_str())
+                || outage.duration_s == 0
+            {
+                return bad(
+                    "faults.outages",
+                    "share must be 0-1, phase a known phase and duration_s positive".into(),
                 );
             }
         }

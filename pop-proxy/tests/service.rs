@@ -88,6 +88,7 @@ fn announcement(round: u64, cohort: &[&str], upload_in: Duration) -> Result<Roun
             unmask_ms: upload_ms + 10_000,
         },
         evaluation: None,
+        statistics: None,
     })
 }
 

@@ -11,6 +11,7 @@
 pub mod accountant;
 pub mod codec;
 pub mod ids;
+pub mod moments;
 pub mod params;
 pub mod secagg;
 pub mod update;

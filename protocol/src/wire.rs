@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{ModelVersion, Region, RoundId, StoreId};
+use crate::moments::StatisticsTask;
 use crate::secagg::{
     EncryptedShares, KeyAdvert, NeighbourKeys, PlanConfig, SharesForStore, UnmaskRequest,
     UnmaskResponse,
@@ -214,6 +215,10 @@ pub struct RoundAnnouncement {
     pub deadlines: PhaseDeadlines,
     /// Set while the round's candidate is being evaluated.
     pub evaluation: Option<EvaluationTask>,
+    /// Set for a federated-statistics round: the cohort contributes the moments of its
+    /// features and target instead of a model update, and trains nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistics: Option<StatisticsTask>,
 }
 
 /// A store's secure-aggregation message, posted to [`secagg`].

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use fedmesh_protocol::ids::{RoundId, StoreId};
 use fedmesh_protocol::secagg::{
     Masking, PackedVector, PartialSumBuilder, QuantisedUpdate, SecAggPlan, Share, StoreError,
-    UnmaskRequest,
+    StoreSession, UnmaskRequest, UnmaskState,
 };
 use proptest::prelude::*;
 use rand_chacha::ChaCha20Rng;
@@ -304,4 +304,60 @@ fn a_plan_from_the_wire_is_checked_again() {
     let round_trip: SecAggPlan =
         serde_json::from_value(serde_json::to_value(&plan).unwrap()).unwrap();
     assert_eq!(round_trip.graph(), plan.graph());
+}
+
+#[test]
+fn a_store_resumed_from_its_saved_state_answers_as_before_and_keeps_its_refusals() {
+    // Store 0 answered core's request (seed shares of its surviving neighbours), then its
+    // process died; the state it saved, through JSON as the agent writes it, is all the new
+    // process has.
+    let plan = SecAggPlan::new(config(8, 7, 5, 5, 4)).unwrap();
+    let mut run = run_round(&plan, &zero_inputs(&plan), &Dropouts::default(), 1, 5);
+    assert!(run.outcome.is_ok());
+    let me = plan.cohort()[0].clone();
+    let store = run.stores.get_mut(&me).unwrap();
+    let neighbours: Vec<StoreId> = plan
+        .graph()
+        .neighbours(0)
+        .iter()
+        .map(|&p| plan.cohort()[p as usize].clone())
+        .collect();
+    let request = |seed: Vec<StoreId>, key: Vec<StoreId>| UnmaskRequest {
+        round: RoundId(7),
+        to: me.clone(),
+        seed_shares_of: seed,
+        key_shares_of: key,
+    };
+    let asked = request(neighbours.clone(), vec![]);
+    let before = store.handle_unmask_request(&asked).unwrap();
+    let saved = serde_json::to_vec(&store.unmask_state().unwrap()).unwrap();
+
+    let state: UnmaskState = serde_json::from_slice(&saved).unwrap();
+    assert_eq!(state.round(), RoundId(7));
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let mut resumed = StoreSession::resume(&state, &mut rng).unwrap();
+    assert_eq!(resumed.handle_unmask_request(&asked).unwrap(), before);
+    assert_eq!(
+        resumed
+            .handle_unmask_request(&request(vec![], vec![neighbours[0].clone()]))
+            .unwrap_err(),
+        StoreError::BothShareKinds(neighbours[0].clone())
+    );
+
+    // A state naming a store outside the plan, or shares for a non-neighbour, is refused.
+    let mut text: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    text["me"] = serde_json::json!("not-a-store");
+    let foreign: UnmaskState = serde_json::from_value(text).unwrap();
+    assert!(matches!(
+        StoreSession::resume(&foreign, &mut rng),
+        Err(StoreError::BadState(_))
+    ));
+    // (The graph here is complete, so the one non-neighbour is the store itself.)
+    let mut text: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    text["held"][0][0] = serde_json::json!(me.0);
+    let misplaced: UnmaskState = serde_json::from_value(text).unwrap();
+    assert!(matches!(
+        StoreSession::resume(&misplaced, &mut rng),
+        Err(StoreError::BadState(_))
+    ));
 }

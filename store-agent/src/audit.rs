@@ -32,6 +32,13 @@ pub enum AuditEvent {
         /// SHA-256 of that model's blob.
         model_sha256: String,
     },
+    /// The store contributed the moments of its rows to a federated-statistics round.
+    StatisticsJoined {
+        /// The round.
+        round: u64,
+        /// Training rows whose count, sums and sums of squares it contributed.
+        rows: u64,
+    },
     /// The store declined a round, and why.
     RoundDeclined {
         /// The round.

@@ -14,6 +14,7 @@ use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
 use fedmesh_core_agg::registry::{Backend, Candidate, DpSpend, Registry, keys};
 use fedmesh_core_agg::{ModelId, Timestamp};
 use fedmesh_protocol::ids::{ModelVersion, RoundId, StoreId};
+use fedmesh_protocol::moments::{MOMENT_QUANT_BITS, StatisticsTask};
 use fedmesh_protocol::params::Scope;
 use fedmesh_protocol::secagg::{
     CoreSession, Deadlines, MaskedUpdate, Masking, Outgoing, PackedVector, PartialSumBuilder,
@@ -31,7 +32,7 @@ use fedmesh_store_agent::ingest::{self, DataFiles};
 use fedmesh_store_agent::model::{Model, Precision};
 use fedmesh_store_agent::pipeline::layout_of;
 use fedmesh_store_agent::spec::FeatureSpec;
-use fedmesh_store_agent::task::TaskConfig;
+use fedmesh_store_agent::task::{Normalisation, TaskConfig};
 use fedmesh_store_agent::{audit, train};
 use fedmesh_transport::pki::{DevPkiSpec, write_dev_pki};
 use fedmesh_transport::server::{Request, Response};
@@ -657,9 +658,57 @@ dir = "{state}"
                 unmask_ms: now + 23_000,
             },
             evaluation: None,
+            statistics: None,
         };
         lock(&self.state).round = Some(announcement);
         plan
+    }
+
+    /// Puts a real secure-aggregation core behind the PoP and announces round 1 over
+    /// `cohort` (the complete graph for three stores, threshold 2), optionally as a
+    /// statistics round.
+    fn secure_round(
+        &self,
+        cohort: &[&str],
+        seed: [u8; 32],
+        dimension: u32,
+        quant_bits: u32,
+        clip: f32,
+        statistics: Option<StatisticsTask>,
+    ) -> SecAggPlan {
+        let plan = PlanConfig {
+            round: RoundId(1),
+            seed,
+            cohort: cohort.iter().map(|s| StoreId((*s).into())).collect(),
+            masking: Masking::Secure,
+            degree: 2,
+            threshold: 2,
+            min_survivors: 2,
+            dimension,
+            kept: None,
+            quant_bits,
+            clip,
+            guard_bits: 2,
+            noise_stddev: 0.0,
+        };
+        let secagg = SecAggPlan::new(plan.clone()).expect("plan");
+        let deadlines = Deadlines {
+            keys: Duration::from_secs(20),
+            shares: Duration::from_secs(20),
+            upload: Duration::from_secs(20),
+            unmask: Duration::from_secs(20),
+        };
+        self.pop().core = Some(FakeCore {
+            session: CoreSession::new(secagg.clone(), std::time::Instant::now(), deadlines),
+            fold: Some(PartialSumBuilder::new(secagg.clone())),
+            outbox: BTreeMap::new(),
+        });
+        let sha = self.blob_sha(ModelVersion(0));
+        self.announce_plan(ModelVersion(0), &sha, plan, TASK, "0.0.1");
+        if let Some(round) = self.pop().round.as_mut() {
+            round.statistics = statistics;
+        }
+        secagg
     }
 
     fn set_receipt(&self, round: u64, store: &str, status: ReceiptStatus) {
@@ -761,13 +810,7 @@ fn agent_state(bed: &Bed, store: &str) -> AgentState {
 /// The store's trained delta for round 1 from `version`, as the daemon computes it (same
 /// seed, same thread count, no local checkpoint yet), in protocol order.
 fn expected_delta(bed: &Bed, store: &str, version: ModelVersion) -> Vec<f32> {
-    let mut spec = FeatureSpec::from_toml_str(SPEC).expect("spec");
-    spec.split.train_max = 140.0;
-    let files = DataFiles {
-        sales: bed.root().join("sales.csv"),
-        attributes: None,
-    };
-    let data = ingest::load_store(&spec, &files, &StoreId(store.into())).expect("data");
+    let data = store_data(bed, store);
     let task = TaskConfig::from_toml_str(TASK).expect("task");
     let global = &bed.versions[version.0 as usize];
     let outcome = train::run_round(&task, &data, global, None).expect("trains");
@@ -779,6 +822,17 @@ fn expected_delta(bed: &Bed, store: &str, version: ModelVersion) -> Vec<f32> {
         .map(|t| (t.name.clone(), t.values.clone()))
         .collect();
     layout.flatten(&values, Scope::Shared).expect("flatten")
+}
+
+/// A store's rows as the daemon loads them.
+fn store_data(bed: &Bed, store: &str) -> ingest::StoreData {
+    let mut spec = FeatureSpec::from_toml_str(SPEC).expect("spec");
+    spec.split.train_max = 140.0;
+    let files = DataFiles {
+        sales: bed.root().join("sales.csv"),
+        attributes: None,
+    };
+    ingest::load_store(&spec, &files, &StoreId(store.into())).expect("data")
 }
 
 #[test]
@@ -1145,35 +1199,7 @@ fn three_hosted_stores_complete_a_secure_round_whose_unmasked_sum_is_their_delta
         .map(|store| bed.config(store, "00:00-24:00", ""))
         .to_vec();
     // Three stores, the complete graph (degree 2), threshold 2: a real SecAgg+ round.
-    let plan = PlanConfig {
-        round: RoundId(1),
-        seed: [9; 32],
-        cohort: ["2", "5", "8"].map(|s| StoreId(s.into())).to_vec(),
-        masking: Masking::Secure,
-        degree: 2,
-        threshold: 2,
-        min_survivors: 2,
-        dimension: DIMENSION,
-        kept: None,
-        quant_bits: 8,
-        clip: CLIP,
-        guard_bits: 2,
-        noise_stddev: 0.0,
-    };
-    let secagg = SecAggPlan::new(plan.clone()).expect("plan");
-    let deadlines = Deadlines {
-        keys: Duration::from_secs(20),
-        shares: Duration::from_secs(20),
-        upload: Duration::from_secs(20),
-        unmask: Duration::from_secs(20),
-    };
-    bed.pop().core = Some(FakeCore {
-        session: CoreSession::new(secagg.clone(), std::time::Instant::now(), deadlines),
-        fold: Some(PartialSumBuilder::new(secagg.clone())),
-        outbox: BTreeMap::new(),
-    });
-    let sha = bed.blob_sha(ModelVersion(0));
-    bed.announce_plan(ModelVersion(0), &sha, plan, TASK, "0.0.1");
+    let secagg = bed.secure_round(&["2", "5", "8"], [9; 32], DIMENSION, 8, CLIP, None);
     let agent = Agent::start(configs);
 
     wait_for(25, "the unmasked sum", || {
@@ -1231,6 +1257,81 @@ fn three_hosted_stores_complete_a_secure_round_whose_unmasked_sum_is_their_delta
         far > DIMENSION as usize / 2,
         "only {far} coordinates look masked"
     );
+}
+
+#[test]
+fn three_hosted_stores_send_the_moments_of_their_rows_to_a_statistics_round() {
+    let _serial = serial();
+    let stores = ["2", "5", "8"];
+    let bed = Bed::new(&stores);
+    let configs = stores
+        .map(|store| bed.config(store, "00:00-24:00", ""))
+        .to_vec();
+    let statistics = StatisticsTask {
+        features: 2,
+        max_rows: 100_000,
+        bound: 100.0,
+    };
+    let dimension = statistics.levels_len() as u32;
+    let secagg = bed.secure_round(
+        &stores,
+        [3; 32],
+        dimension,
+        MOMENT_QUANT_BITS,
+        1.0,
+        Some(statistics.clone()),
+    );
+    let agent = Agent::start(configs);
+    wait_for(25, "the unmasked sum", || {
+        bed.pop()
+            .core
+            .as_ref()
+            .is_some_and(|c| c.session.outcome().is_some())
+    });
+    for store in stores {
+        bed.set_receipt(1, store, ReceiptStatus::Included);
+    }
+    wait_for(10, "every queue to settle", || {
+        stores.iter().all(|s| queued_files(&bed, s).is_empty())
+    });
+    agent.stop();
+
+    // The generator gives every store the same rows, so the pooled statistics are one
+    // store's, over three times its rows; the reference is Normalisation::fit on them.
+    let outcome = bed
+        .pop()
+        .core
+        .as_ref()
+        .and_then(|c| c.session.outcome().cloned())
+        .expect("finished")
+        .expect("the round succeeded");
+    let levels: Vec<i64> = outcome.sum.iter().map(|&v| secagg.centred(v)).collect();
+    let got = statistics
+        .decode(&levels, secagg.max_level())
+        .expect("decodes");
+    let data = store_data(&bed, "2");
+    let fit = Normalisation::fit([&data.train]).expect("fit");
+    assert_eq!(got.count, 3.0 * data.train.len() as f64);
+    for j in 0..2 {
+        assert!((got.mean[j] - fit.mean[j]).abs() <= 1e-9 * fit.mean[j].abs().max(1.0));
+        assert!(
+            (got.std[j] - fit.std[j]).abs() <= 1e-7 * fit.std[j],
+            "feature {j}"
+        );
+    }
+    let target_mean = fit.target_mean.expect("rows");
+    assert!((got.target_mean - target_mean).abs() <= 1e-9 * target_mean.abs().max(1.0));
+
+    // Nothing was trained and no epsilon spent; the audit log says what was sent.
+    for store in stores {
+        let state = agent_state(&bed, store);
+        assert_eq!(state.rounds_trained, 0, "{store}");
+        let joined = audit_lines(&bed, store)
+            .into_iter()
+            .find(|l| l["event"] == "statistics_joined")
+            .expect("statistics_joined");
+        assert_eq!(joined["rows"], data.train.len() as u64);
+    }
 }
 
 /// Runs the `store-agent` binary with `args`.

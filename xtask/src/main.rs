@@ -326,6 +326,45 @@ fn demo(root: &Path, env: &BuildEnv, rest: &[String]) -> Result<()> {
     check(env.command(root, &netlab.to_string_lossy()).args(args))
 }
 
+/// The workspace's own crates that read `env!("CARGO_MANIFEST_DIR")`, directly or through
+/// a dependency.
+const PATH_BAKING_CRATES: [&str; 8] = [
+    "fedmesh-protocol",
+    "fedmesh-transport",
+    "fedmesh-policy",
+    "fedmesh-core-agg",
+    "fedmesh-pop-proxy",
+    "fedmesh-store-agent",
+    "fedmesh-netlab",
+    "fedmesh-mesh-tests",
+];
+
+/// Cargo does not rebuild a workspace crate when the same sources move to another path, so
+/// a build cache shared by clones at different paths (CI's) keeps binaries with the old
+/// clone's `CARGO_MANIFEST_DIR` baked in. When the clone's path differs from the one the
+/// cache was last built from, the workspace's crates (not their dependencies) are cleaned.
+fn forget_moved_workspace(root: &Path, env: &BuildEnv) -> Result<()> {
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let marker = target.join(".fedmesh-workspace");
+    let here = root.canonicalize()?.to_string_lossy().into_owned();
+    let built_from = std::fs::read_to_string(&marker).unwrap_or_default();
+    if built_from.trim() == here || !target.exists() {
+        std::fs::create_dir_all(&target)?;
+        return Ok(std::fs::write(&marker, &here)?);
+    }
+    eprintln!(
+        "xtask: the build cache was built from {built_from:?}; rebuilding the workspace's crates"
+    );
+    let mut args = vec!["clean"];
+    for krate in PATH_BAKING_CRATES {
+        args.extend(["--package", krate]);
+    }
+    cargo(env, root, &args)?;
+    Ok(std::fs::write(&marker, &here)?)
+}
+
 /// Fetches the OPA reference engine that the policy crate's differential test compares
 /// regorus against, and returns where it was unpacked.
 fn ensure_opa(root: &Path) -> Result<PathBuf> {
@@ -340,6 +379,7 @@ fn ensure_opa(root: &Path) -> Result<PathBuf> {
 }
 
 fn test(root: &Path, env: &BuildEnv) -> Result<()> {
+    forget_moved_workspace(root, env)?;
     let mut env = env.clone();
     env.extra
         .push(("FEDMESH_OPA_DIR", ensure_opa(root)?.into_os_string()));

@@ -73,6 +73,32 @@ pub struct Config {
     /// The privacy ledger.
     #[serde(default)]
     pub privacy: PrivacyConfig,
+    /// Federated statistics before training.
+    #[serde(default)]
+    pub statistics: StatisticsConfig,
+}
+
+/// `[statistics]`: a federated-statistics round that gives the task its normalisation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatisticsConfig {
+    /// Run one statistics round before training when the task has no `[normalisation]`;
+    /// the training rounds' task then carries the cohort's means and deviations.
+    pub enabled: bool,
+    /// Rows a store counts at most.
+    pub max_rows: u64,
+    /// Bound on the magnitude of every feature and the target; values clamp to it.
+    pub bound: f64,
+}
+
+impl Default for StatisticsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_rows: 100_000,
+            bound: 100.0,
+        }
+    }
 }
 
 /// `[registry]`.
@@ -432,6 +458,13 @@ impl Config {
         }
         if !(p.store_noise_multiplier.is_finite() && p.store_noise_multiplier > 0.0) {
             return invalid("privacy.store_noise_multiplier", "must be positive");
+        }
+        let st = &self.statistics;
+        if st.max_rows == 0 || st.max_rows > 1 << 40 {
+            return invalid("statistics.max_rows", "must be 1 to 2^40");
+        }
+        if !(st.bound.is_finite() && st.bound > 0.0) {
+            return invalid("statistics.bound", "must be positive");
         }
         if self.registry.backend == BackendKind::Etcd && self.registry.etcd_endpoints.is_empty() {
             return invalid("registry.etcd_endpoints", "backend etcd needs endpoints");

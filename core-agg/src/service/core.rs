@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
+use fedmesh_protocol::moments::StatisticsTask;
 use fedmesh_protocol::secagg::{
     CoreError, CoreSession, Deadlines, FoldError, Outgoing, PackedVector, PartialSum, SecAggPlan,
     ToStore,
@@ -110,6 +111,9 @@ impl Live {
 pub struct Core {
     config: Config,
     model: ModelId,
+    /// The task file's text, as configured.
+    base_task_text: String,
+    /// The text announced: the base, plus `[normalisation]` once statistics are measured.
     task_text: String,
     task_sha256: String,
     task: TaskFacts,
@@ -147,6 +151,12 @@ impl Core {
             StartError::Other(format!("task {} is not UTF-8", config.task.display()))
         })?;
         let task = TaskFacts::parse(&task_text).map_err(|e| other(&e))?;
+        if config.statistics.enabled && !task.has_normalisation && task.inputs.is_none() {
+            return Err(StartError::Other(format!(
+                "statistics.enabled needs model.inputs in the task {}",
+                config.task.display()
+            )));
+        }
         std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::Read {
             what: "state dir",
             path: config.state_dir.clone(),
@@ -208,8 +218,9 @@ impl Core {
         };
         let journal = Journal::new(config.state_dir.join("journal.jsonl"));
         let mut core = Self {
-            task_sha256: sha256_hex(task_text.as_bytes()),
+            task_sha256: String::new(),
             model,
+            base_task_text: task_text.clone(),
             task_text,
             task,
             registry,
@@ -228,10 +239,35 @@ impl Core {
             .registry_version
             .set(core.current_version().map_or(-1, |v| v.0 as i64));
         core.refresh_epsilon_gauges(Timestamp(now_ms / 1000));
+        core.refresh_task();
 
         // 3. Resume the open round.
         core.replay().map_err(|e| other(&e))?;
         Ok(core)
+    }
+
+    /// The announced task: the configured text, with the measured statistics if any.
+    pub(super) fn refresh_task(&mut self) {
+        self.task_text = match &self.state.statistics {
+            Some((round, stats)) => {
+                TaskFacts::with_normalisation(&self.base_task_text, *round, stats)
+            }
+            None => self.base_task_text.clone(),
+        };
+        self.task_sha256 = sha256_hex(self.task_text.as_bytes());
+    }
+
+    /// The statistics round to run next, if the task still needs its normalisation.
+    pub(super) fn statistics_due(&self) -> Option<StatisticsTask> {
+        let s = &self.config.statistics;
+        if !s.enabled || self.task.has_normalisation || self.state.statistics.is_some() {
+            return None;
+        }
+        Some(StatisticsTask {
+            features: self.task.inputs?,
+            max_rows: s.max_rows,
+            bound: s.bound,
+        })
     }
 
     fn current_version(&self) -> Option<ModelVersion> {
@@ -358,6 +394,7 @@ impl Core {
             plan,
             deadlines: open.deadlines?,
             evaluation,
+            statistics: open.statistics.clone(),
         })
     }
 
@@ -695,6 +732,9 @@ impl Core {
             "abandoned_by_reason": self.state.abandoned_by_reason,
             "rejections": self.state.rejections,
             "history": self.state.history,
+            "statistics": self.state.statistics.as_ref().map(|(round, stats)| {
+                serde_json::json!({ "round": round, "result": stats })
+            }),
         })
     }
 

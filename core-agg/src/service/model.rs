@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use fedmesh_protocol::ids::RoundId;
+use fedmesh_protocol::moments::CohortStatistics;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::Deserialize;
 
@@ -41,6 +43,10 @@ pub struct TaskFacts {
     pub model_spec: String,
     /// `[training.dp]`, when the task protects records.
     pub dp: Option<TaskDp>,
+    /// `model.inputs`: features per row, when the model states it.
+    pub inputs: Option<u32>,
+    /// Whether the task carries `[normalisation]` already.
+    pub has_normalisation: bool,
 }
 
 /// `[training.dp]`.
@@ -58,6 +64,7 @@ pub struct TaskDp {
 struct TaskToml {
     model: toml::Table,
     training: TrainingToml,
+    normalisation: Option<toml::Table>,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +104,42 @@ impl TaskFacts {
             epochs: task.training.epochs,
             model_spec: toml::to_string(&task.model).unwrap_or_default(),
             dp: task.training.dp,
+            inputs: task
+                .model
+                .get("inputs")
+                .and_then(toml::Value::as_integer)
+                .and_then(|n| u32::try_from(n).ok()),
+            has_normalisation: task.normalisation.is_some(),
         })
+    }
+
+    /// The task text with `[normalisation]` from a statistics round appended: the text
+    /// training rounds announce.
+    pub fn with_normalisation(text: &str, round: RoundId, stats: &CohortStatistics) -> String {
+        #[derive(serde::Serialize)]
+        struct Table<'a> {
+            normalisation: Normalisation<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Normalisation<'a> {
+            mean: &'a [f64],
+            std: &'a [f64],
+            target_mean: f64,
+        }
+        let table = Table {
+            normalisation: Normalisation {
+                mean: &stats.mean,
+                std: &stats.std,
+                target_mean: stats.target_mean,
+            },
+        };
+        // Finite numbers in plain arrays always serialise.
+        let toml = toml::to_string(&table).unwrap_or_default();
+        format!(
+            "{}\n# From federated statistics round {round}: {:.0} rows.\n{toml}",
+            text.trim_end(),
+            stats.count
+        )
     }
 
     /// Whether a parameter stays in the stores.

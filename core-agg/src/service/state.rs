@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
+use fedmesh_protocol::moments::{CohortStatistics, StatisticsTask};
 use fedmesh_protocol::secagg::{
     EncryptedShares, KeyAdvert, PartialSum, PlanConfig, UnmaskResponse,
 };
@@ -109,6 +110,9 @@ pub struct OpenRound {
     pub evaluation_deadline_ms: Option<u64>,
     /// Evaluation loss passed to publish.
     pub evaluation_loss: Option<f64>,
+    /// Set for a federated-statistics round.
+    #[serde(default)]
+    pub statistics: Option<StatisticsTask>,
 }
 
 /// Everything in `state.json`.
@@ -134,6 +138,9 @@ pub struct Persisted {
     pub last_ended_ms: u64,
     /// Every store ever seen, for the ledger snapshot.
     pub known_stores: BTreeSet<StoreId>,
+    /// The statistics round's result, once measured, with its round.
+    #[serde(default)]
+    pub statistics: Option<(RoundId, CohortStatistics)>,
 }
 
 impl Persisted {
@@ -150,6 +157,7 @@ impl Persisted {
             current: None,
             last_ended_ms: 0,
             known_stores: BTreeSet::new(),
+            statistics: None,
         }
     }
 

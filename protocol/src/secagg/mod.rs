@@ -41,4 +41,4 @@ pub use self::plan::{
 };
 pub use self::pop::{FoldError, PartialSumBuilder, RingSum};
 pub use self::shamir::{SHARE_LEN, ShamirError, Share, reconstruct, share};
-pub use self::store::{StoreError, StorePhase, StoreSession};
+pub use self::store::{StoreError, StorePhase, StoreSession, UnmaskState};

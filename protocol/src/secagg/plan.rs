@@ -143,6 +143,9 @@ pub enum UpdateError {
     /// A ring element is not below 2^r.
     #[error("ring element at {0} is not below 2^r")]
     OutOfRing(usize),
+    /// An integer level is beyond the plan's b-bit range.
+    #[error("level at {0} is beyond the plan's quantisation range")]
+    LevelOutOfRange(usize),
 }
 
 /// A checked plan with its derived quantities (ring, graph, noise, kept coordinates).
@@ -449,6 +452,44 @@ impl SecAggPlan {
             None => update.iter().map(|&x| level(x, rng)).collect(),
         };
         Ok(QuantisedUpdate { values })
+    }
+
+    /// Maps integer levels a store computed itself (each within +-(2^(b-1) - 1), as
+    /// [`SecAggPlan::quantise`] would produce) into the ring, adding this store's share of
+    /// the noise. A statistics round sends its fixed-point moments this way.
+    ///
+    /// # Errors
+    ///
+    /// [`UpdateError`] for a wrong length or a level out of range.
+    pub fn levels<R: RngCore + CryptoRng>(
+        &self,
+        levels: &[i64],
+        rng: &mut R,
+    ) -> Result<QuantisedUpdate, UpdateError> {
+        if levels.len() != self.vector_len() {
+            return Err(UpdateError::WrongDimension {
+                expected: self.vector_len(),
+                got: levels.len(),
+            });
+        }
+        let max = i64::from(max_level(self.config.quant_bits));
+        if let Some(i) = levels.iter().position(|l| l.abs() > max) {
+            return Err(UpdateError::LevelOutOfRange(i));
+        }
+        let mask = ring_mask(self.ring_bits);
+        let values = levels
+            .iter()
+            .map(|&l| {
+                let noise = self.noise.as_ref().map_or(0, |g| g.sample(rng));
+                (l + noise) as u64 & mask
+            })
+            .collect();
+        Ok(QuantisedUpdate { values })
+    }
+
+    /// The largest level b bits allow: 2^(b-1) - 1.
+    pub fn max_level(&self) -> i64 {
+        i64::from(max_level(self.config.quant_bits))
     }
 
     /// Decodes a cohort sum from the ring into update units: the centred lift of each

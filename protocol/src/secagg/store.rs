@@ -17,16 +17,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rand_core::{CryptoRng, RngCore};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::keys::{self, Purpose};
 use super::messages::{
     EncryptedShare, EncryptedShares, KeyAdvert, MaskedUpdate, NeighbourKeys, PackedVector,
     RevealedShare, SharesForStore, UnmaskRequest, UnmaskResponse, VectorError,
 };
-use super::plan::{Masking, QuantisedUpdate, SecAggPlan};
+use super::plan::{Masking, PlanConfig, QuantisedUpdate, SecAggPlan};
 use super::prg::{apply_mask, reduce};
 use super::shamir::{self, SHARE_LEN, ShamirError, Share};
 use crate::ids::{RoundId, StoreId};
@@ -91,6 +92,40 @@ pub enum StoreError {
     /// Sharing failed (only for a plan whose threshold exceeds the live neighbours).
     #[error(transparent)]
     Shamir(#[from] ShamirError),
+    /// A saved unmask state does not fit its plan.
+    #[error("saved unmask state is unusable: {0}")]
+    BadState(String),
+}
+
+/// What a store keeps of a round once its masked update exists: the shares it holds for its
+/// neighbours and which kind of share it has released for whom. It lets a restarted store
+/// answer core's unmask request, and holds none of the store's own secrets: its keys and
+/// mask seed are not needed after masking. Save it again after every released share and
+/// before the response leaves, so a restart cannot be talked into the other kind.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct UnmaskState {
+    plan: PlanConfig,
+    me: StoreId,
+    /// Per peer: its mask-seed share and its key share held here, as bytes.
+    held: Vec<(StoreId, Vec<u8>, Vec<u8>)>,
+    released_seed: BTreeSet<StoreId>,
+    released_key: BTreeSet<StoreId>,
+}
+
+impl UnmaskState {
+    /// The round.
+    pub fn round(&self) -> RoundId {
+        self.plan.round
+    }
+}
+
+impl Drop for UnmaskState {
+    fn drop(&mut self) {
+        for (_, seed, key) in &mut self.held {
+            seed.zeroize();
+            key.zeroize();
+        }
+    }
 }
 
 /// Where a store is in the round.
@@ -381,6 +416,85 @@ impl StoreSession {
             round: self.plan.round(),
             store: self.me.clone(),
             vector,
+        })
+    }
+
+    /// The state to save once the masked update exists, and after every release.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::WrongPhase`] before masking.
+    pub fn unmask_state(&self) -> Result<UnmaskState, StoreError> {
+        if self.phase != StorePhase::Uploaded {
+            return Err(self.wrong_phase("saving the unmask state"));
+        }
+        Ok(UnmaskState {
+            plan: self.plan.config().clone(),
+            me: self.me.clone(),
+            held: self
+                .held
+                .iter()
+                .map(|(peer, h)| {
+                    (
+                        peer.clone(),
+                        h.seed.to_bytes().to_vec(),
+                        h.key.to_bytes().to_vec(),
+                    )
+                })
+                .collect(),
+            released_seed: self.released_seed.clone(),
+            released_key: self.released_key.clone(),
+        })
+    }
+
+    /// A session after a restart, from its saved state: it answers unmask requests, with
+    /// the releases it made before, and can do nothing else. `rng` fills the key slots a
+    /// resumed session never uses.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::BadState`] when the state's plan, store or shares do not fit.
+    pub fn resume<R: RngCore + CryptoRng>(
+        state: &UnmaskState,
+        rng: &mut R,
+    ) -> Result<Self, StoreError> {
+        let bad = |why: String| StoreError::BadState(why);
+        let plan = SecAggPlan::new(state.plan.clone()).map_err(|e| bad(e.to_string()))?;
+        let position = plan
+            .position(&state.me)
+            .ok_or_else(|| bad(format!("store {} is not in the plan", state.me)))?;
+        let mut held = BTreeMap::new();
+        for (peer, seed, key) in &state.held {
+            let neighbour = plan
+                .position(peer)
+                .is_some_and(|p| plan.graph().are_neighbours(position, p));
+            let share = |bytes: &[u8]| Share::from_bytes(bytes).map_err(|e| bad(e.to_string()));
+            let pair = HeldShares {
+                seed: share(seed)?,
+                key: share(key)?,
+            };
+            let x = (position + 1) as u64;
+            if !neighbour || pair.seed.x != x || pair.key.x != x {
+                return Err(bad(format!("shares of {peer} do not belong here")));
+            }
+            held.insert(peer.clone(), pair);
+        }
+        let mut mask_seed = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(mask_seed.as_mut());
+        Ok(Self {
+            plan,
+            me: state.me.clone(),
+            position,
+            phase: StorePhase::Uploaded,
+            cipher_secret: StaticSecret::random_from_rng(&mut *rng),
+            mask_secret: StaticSecret::random_from_rng(&mut *rng),
+            mask_seed,
+            peers: BTreeMap::new(),
+            open_keys: BTreeMap::new(),
+            held,
+            pair_keys: Vec::new(),
+            released_seed: state.released_seed.clone(),
+            released_key: state.released_key.clone(),
         })
     }
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use fedmesh_protocol::moments::StatisticsTask;
 use fedmesh_protocol::params::Scope;
 use fedmesh_protocol::secagg::{Masking, PackedVector, SecAggPlan, StoreSession};
 use fedmesh_protocol::update::clip_l2;
@@ -105,6 +106,13 @@ impl StoreAgent {
             Err(outcome) => return Ok(outcome),
         };
 
+        // A statistics round trains nothing: the moments of the rows take the update's way.
+        if let Some(statistics) = &round.statistics {
+            return self
+                .contribute_statistics(round, statistics, shutdown)
+                .await;
+        }
+
         // 2. The model, verified; from here on the round counts as joined.
         let model = match self.join(round).await {
             Ok(model) => model,
@@ -112,13 +120,9 @@ impl StoreAgent {
         };
 
         // 3. Secure aggregation up to masking (in plain mode there is nothing to agree).
-        let plan = match SecAggPlan::new(round.plan.clone()) {
-            Ok(plan) => plan,
-            Err(e) => return Ok(Outcome::Failed(format!("plan refused: {e}"))),
-        };
-        let mut session = match self.agree(plan, round, shutdown).await? {
+        let mut session = match self.start_secagg(round, shutdown).await? {
             Ok(session) => session,
-            Err(reason) => return Ok(Outcome::Failed(reason)),
+            Err(outcome) => return Ok(outcome),
         };
 
         // 4. Train in the shared pool. Stopping now leaves nothing behind: the update was
@@ -135,24 +139,36 @@ impl StoreAgent {
         }
 
         // 5. Clip, quantise, mask, pack; queue durably before anything is sent.
+        let examples = trained.report.examples as u64;
         let entry = match self.build(&task, &trained, &mut session) {
-            Ok(masked) => self.queue_update(round, &trained, &masked),
+            Ok(masked) => self.queue_update(round, examples, trained.loss_before, &masked),
             Err(reason) => Err(Outcome::Failed(reason)),
         };
         let entry = match entry {
             Ok(entry) => entry,
             Err(outcome) => return Ok(outcome),
         };
+        self.send_and_unmask(&entry, &mut session, round, shutdown)
+            .await
+    }
 
+    /// Steps 6 and 7 of a round: sends the queued update, then answers the unmask request.
+    async fn send_and_unmask(
+        &mut self,
+        entry: &QueuedUpdate,
+        session: &mut StoreSession,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Outcome, Stop> {
         // 6. Send; a failed send stays queued and the loop sends it again.
-        let sent = self.send_entry(&entry).await;
+        let sent = self.send_entry(entry).await;
         if *shutdown.borrow() {
             return Err(Stop::Shutdown);
         }
 
         // 7. Unmask: release the shares core asks for.
         if session.plan().masking() == Masking::Secure
-            && let Err(reason) = self.unmask(&mut session, round, shutdown).await?
+            && let Err(reason) = self.unmask(session, round, shutdown).await?
         {
             tracing::warn!(store.id = %self.store, round.id = round.round.0,
                 reason = %reason, "unmask step not answered");
@@ -161,6 +177,75 @@ impl StoreAgent {
             Ok(()) => Outcome::Uploaded,
             Err(_) => Outcome::Queued,
         })
+    }
+
+    /// A federated-statistics round: joins it, agrees keys, and sends the count, sums and
+    /// sums of squares of the training rows' features and target as fixed-point levels,
+    /// masked and queued like an update. Nothing is trained and no epsilon is spent.
+    async fn contribute_statistics(
+        &mut self,
+        round: &RoundAnnouncement,
+        statistics: &StatisticsTask,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Outcome, Stop> {
+        let round_id = round.round.0;
+        self.state.last_joined_round = Some(round_id);
+        if let Err(e) = self.dir.save(&self.state) {
+            return Ok(Outcome::Failed(e.to_string()));
+        }
+        let train = &self.data.train;
+        let rows = (train.len() as u64).min(statistics.max_rows);
+        self.record(AuditEvent::StatisticsJoined {
+            round: round_id,
+            rows,
+        });
+        self.record(AuditEvent::DatasetSnapshot {
+            round: round_id,
+            sha256: self.dataset_sha256.clone(),
+            rows: (self.data.train.len() + self.data.test.len()) as u64,
+        });
+        let mut session = match self.start_secagg(round, shutdown).await? {
+            Ok(session) => session,
+            Err(outcome) => return Ok(outcome),
+        };
+        let train = &self.data.train;
+        let max_level = session.plan().max_level();
+        let levels = match statistics.encode(train.dim, &train.features, &train.targets, max_level)
+        {
+            Ok(levels) => levels,
+            Err(e) => return Ok(Outcome::Failed(format!("statistics: {e}"))),
+        };
+        let masked = session
+            .plan()
+            .levels(&levels, &mut OsRng)
+            .map_err(|e| format!("statistics: {e}"))
+            .and_then(|q| session.mask(&q).map_err(|e| format!("mask: {e}")));
+        let entry = match masked {
+            Ok(masked) => self.queue_update(round, rows, 0.0, &masked.vector),
+            Err(reason) => return Ok(Outcome::Failed(reason)),
+        };
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(outcome) => return Ok(outcome),
+        };
+        self.send_and_unmask(&entry, &mut session, round, shutdown)
+            .await
+    }
+
+    /// Checks the round's plan and runs secure aggregation up to masking.
+    async fn start_secagg(
+        &mut self,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Result<StoreSession, Outcome>, Stop> {
+        let plan = match SecAggPlan::new(round.plan.clone()) {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Err(Outcome::Failed(format!("plan refused: {e}")))),
+        };
+        Ok(self
+            .agree(plan, round, shutdown)
+            .await?
+            .map_err(Outcome::Failed))
     }
 
     /// The task to train, or why the store does not take part.
@@ -180,7 +265,12 @@ impl StoreAgent {
             selected: round.plan.cohort.contains(&self.store),
             min_runtime: &min_runtime,
             epochs: task.training.epochs,
-            dp: task.training.dp.as_ref(),
+            // A statistics round spends no epsilon.
+            dp: task
+                .training
+                .dp
+                .as_ref()
+                .filter(|_| round.statistics.is_none()),
         };
         match participation::decide(&store, &ask, jiff::Timestamp::now()) {
             Ok(Ok(_)) => {}
@@ -256,7 +346,8 @@ impl StoreAgent {
     fn queue_update(
         &mut self,
         round: &RoundAnnouncement,
-        trained: &Trained,
+        examples: u64,
+        loss: f64,
         masked: &PackedVector,
     ) -> Result<QueuedUpdate, Outcome> {
         let header = UpdateHeader {
@@ -264,8 +355,8 @@ impl StoreAgent {
             model_version: round.model_version,
             ring_bits: masked.ring_bits,
             len: masked.len,
-            examples: trained.report.examples as u64,
-            loss: trained.loss_before,
+            examples,
+            loss,
             // The queue entry's id, set when it is sent.
             upload_id: String::new(),
         };

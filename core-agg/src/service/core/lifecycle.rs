@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use fedmesh_protocol::ids::{Region, RoundId, StoreId};
+use fedmesh_protocol::moments::{MOMENT_QUANT_BITS, StatisticsTask};
 use fedmesh_protocol::secagg::{GuaranteedNoise, Masking, PlanConfig, SecAggPlan};
 use fedmesh_protocol::wire::PhaseDeadlines;
 use rand::{RngCore, SeedableRng};
@@ -69,10 +70,16 @@ impl Core {
         self.state.next_round += 1;
         let seed = ChaCha20Rng::from_entropy().next_u64();
         let baseline = manifest.metrics.get(LOSS_METRIC).copied();
+        let mut config = self.round_config();
+        if self.statistics_due().is_some() {
+            // Statistics cost a store no training and no epsilon: ask every eligible store.
+            config.fraction = 1.0;
+            config.over_selection = 1.0;
+        }
         let round = Round::plan(
             id,
             version,
-            self.round_config(),
+            config,
             seed,
             baseline,
             Timestamp(now_ms / 1000),
@@ -95,8 +102,15 @@ impl Core {
             candidate: None,
             evaluation_deadline_ms: None,
             evaluation_loss: None,
+            statistics: self.statistics_due(),
         });
-        tracing::info!(round.id = %id, model.version = %version, "round planned");
+        let kind = if self.statistics_due().is_some() {
+            "statistics"
+        } else {
+            "training"
+        };
+        tracing::info!(round.id = %id, model.version = %version, round.kind = kind,
+            "round planned");
         Ok(())
     }
 
@@ -202,6 +216,11 @@ impl Core {
             (Unit::Store, Some(dp)) => self.config.privacy.store_noise_multiplier * dp.clip_norm,
             _ => 0.0,
         };
+        // A statistics round sends every moment as two 30-bit levels, unnoised, whole.
+        let (dimension, kept, quant_bits, clip, noise_stddev) = match &open.statistics {
+            Some(task) => (task.levels_len() as u32, None, MOMENT_QUANT_BITS, 1.0, 0.0),
+            None => (dimension, kept, a.quant_bits, a.clip, noise_stddev),
+        };
         let mut seed = [0u8; 32];
         ChaCha20Rng::seed_from_u64(open.seed).fill_bytes(&mut seed);
         let config = PlanConfig {
@@ -214,8 +233,8 @@ impl Core {
             min_survivors,
             dimension,
             kept,
-            quant_bits: a.quant_bits,
-            clip: a.clip,
+            quant_bits,
+            clip,
             guard_bits: a.guard_bits,
             noise_stddev,
         };
@@ -290,19 +309,49 @@ impl Core {
         live.settled = true;
         let id = open.round.id();
         let now = Timestamp(now_ms / 1000);
-        let result = match outcome {
-            Err(failure) => Err(failure.to_string()),
-            Ok(outcome) => self.aggregate(now_ms, &outcome.sum, &outcome.survivors, outcome.noise),
+        let statistics = open.statistics.clone();
+        let result = match (outcome, &statistics) {
+            (Err(failure), _) => Err(failure.to_string()),
+            (Ok(outcome), Some(task)) => self.measure(id, task, &outcome.sum),
+            (Ok(outcome), None) => {
+                self.aggregate(now_ms, &outcome.sum, &outcome.survivors, outcome.noise)
+            }
         };
         let Some(open) = self.state.current.as_mut() else {
             return true;
         };
         let ok = result.is_ok();
+        if statistics.is_some() {
+            let _ = open.round.handle_unmasked(now, id, result);
+            if ok {
+                let _ = open.round.handle_measured(id);
+            }
+            return true;
+        }
         let _ = open.round.handle_unmasked(now, id, result);
         if ok {
             let _ = open.round.handle_aggregated(now, id, online);
         }
         true
+    }
+
+    /// Decodes a statistics round's sum into the cohort's statistics and makes the
+    /// training rounds' task carry them.
+    fn measure(&mut self, id: RoundId, task: &StatisticsTask, sum: &[u64]) -> Result<(), String> {
+        let live = self.live.as_ref().ok_or("no session")?;
+        let plan = live.session.plan();
+        let levels: Vec<i64> = sum.iter().map(|&v| plan.centred(v)).collect();
+        let stats = task
+            .decode(&levels, plan.max_level())
+            .map_err(|e| format!("statistics: {e}"))?;
+        if !stats.mean.iter().chain(&stats.std).all(|v| v.is_finite()) {
+            return Err("statistics: a mean or deviation is not finite".into());
+        }
+        tracing::info!(round.id = %id, rows = stats.count, features = stats.mean.len(),
+            target.mean = stats.target_mean, "federated statistics measured");
+        self.state.statistics = Some((id, stats));
+        self.refresh_task();
+        Ok(())
     }
 
     /// Decodes the cohort sum, applies the strategy, stores the candidate blob and charges
@@ -504,6 +553,7 @@ impl Core {
         let cohort_size = open.plan.as_ref().map_or(0, |p| p.cohort.len());
         let (name, reason, version) = match &outcome {
             Outcome::Committed(v) => ("committed", None, Some(*v)),
+            Outcome::Measured => ("measured", None, None),
             Outcome::Abandoned(r) => ("abandoned", Some(r.to_string()), None),
         };
         let record = RoundRecord {
@@ -523,6 +573,8 @@ impl Core {
         };
         match &outcome {
             Outcome::Committed(_) => self.state.completed += 1,
+            // A statistics round trains nothing: it does not count towards rounds.count.
+            Outcome::Measured => {}
             Outcome::Abandoned(r) => {
                 self.state.abandoned += 1;
                 *self
