@@ -6,6 +6,7 @@
 //! again, as a PoP must), and answers receipts with a status the test sets.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -17,8 +18,8 @@ use fedmesh_protocol::ids::{ModelVersion, RoundId, StoreId};
 use fedmesh_protocol::moments::{MOMENT_QUANT_BITS, StatisticsTask};
 use fedmesh_protocol::params::Scope;
 use fedmesh_protocol::secagg::{
-    CoreSession, Deadlines, MaskedUpdate, Masking, Outgoing, PackedVector, PartialSumBuilder,
-    PlanConfig, SecAggPlan, ToStore,
+    CorePhase, CoreSession, Deadlines, MaskedUpdate, Masking, Outgoing, PackedVector,
+    PartialSumBuilder, PlanConfig, RoundOutcome, SecAggPlan, ToStore,
 };
 use fedmesh_protocol::wire::{
     self, AggregationMode, CoreMessage, EvaluationReport, PhaseDeadlines, ReceiptStatus,
@@ -711,6 +712,30 @@ dir = "{state}"
         secagg
     }
 
+    /// Waits for `agent`'s stores to finish round 1 at the fake core, settles their
+    /// queues with receipts, stops the agent and returns the round's outcome.
+    fn run_secure_round(&self, agent: Agent, stores: &[&str]) -> RoundOutcome {
+        wait_for(25, "the unmasked sum", || {
+            self.pop()
+                .core
+                .as_ref()
+                .is_some_and(|c| c.session.outcome().is_some())
+        });
+        for store in stores {
+            self.set_receipt(1, store, ReceiptStatus::Included);
+        }
+        wait_for(10, "every queue to settle", || {
+            stores.iter().all(|s| queued_files(self, s).is_empty())
+        });
+        agent.stop();
+        self.pop()
+            .core
+            .as_ref()
+            .and_then(|c| c.session.outcome().cloned())
+            .expect("finished")
+            .expect("the round succeeded")
+    }
+
     fn set_receipt(&self, round: u64, store: &str, status: ReceiptStatus) {
         lock(&self.state)
             .receipt
@@ -1281,30 +1306,9 @@ fn three_hosted_stores_send_the_moments_of_their_rows_to_a_statistics_round() {
         1.0,
         Some(statistics.clone()),
     );
-    let agent = Agent::start(configs);
-    wait_for(25, "the unmasked sum", || {
-        bed.pop()
-            .core
-            .as_ref()
-            .is_some_and(|c| c.session.outcome().is_some())
-    });
-    for store in stores {
-        bed.set_receipt(1, store, ReceiptStatus::Included);
-    }
-    wait_for(10, "every queue to settle", || {
-        stores.iter().all(|s| queued_files(&bed, s).is_empty())
-    });
-    agent.stop();
-
+    let outcome = bed.run_secure_round(Agent::start(configs), &stores);
     // The generator gives every store the same rows, so the pooled statistics are one
     // store's, over three times its rows; the reference is Normalisation::fit on them.
-    let outcome = bed
-        .pop()
-        .core
-        .as_ref()
-        .and_then(|c| c.session.outcome().cloned())
-        .expect("finished")
-        .expect("the round succeeded");
     let levels: Vec<i64> = outcome.sum.iter().map(|&v| secagg.centred(v)).collect();
     let got = statistics
         .decode(&levels, secagg.max_level())
@@ -1332,6 +1336,133 @@ fn three_hosted_stores_send_the_moments_of_their_rows_to_a_statistics_round() {
             .expect("statistics_joined");
         assert_eq!(joined["rows"], data.train.len() as u64);
     }
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_store_restarted_between_upload_and_unmask_answers_from_its_saved_state() {
+    let _serial = serial();
+    let _failpoints = fail::FailScenario::setup();
+    let stores = ["2", "5", "8"];
+    let bed = Bed::new(&stores);
+    let configs: Vec<AgentConfig> = stores
+        .map(|store| bed.config(store, "00:00-24:00", ""))
+        .to_vec();
+    // Threshold 2 of each store's two neighbours: every store's answer is needed, so the
+    // round completes only if the restarted stores answer.
+    let secagg = bed.secure_round(&stores, [4; 32], DIMENSION, 8, CLIP, None);
+
+    // 1. Every store uploads, then its process dies before the unmask step.
+    fail::cfg("round.before_unmask", "return").expect("fail point");
+    let agent = Agent::start(configs.clone());
+    wait_for(25, "core to ask for unmasking", || {
+        bed.pop()
+            .core
+            .as_ref()
+            .is_some_and(|c| c.session.phase() == CorePhase::Unmasking)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill();
+    fail::remove("round.before_unmask");
+    for store in stores {
+        let dir = bed.state_dir(store).join("secrets");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .expect("secrets")
+            .flatten()
+            .collect();
+        assert_eq!(files.len(), 1, "{store}: one saved round");
+        let mode = files[0].metadata().expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{store}: readable by the agent only");
+    }
+    assert!(
+        bed.pop()
+            .core
+            .as_ref()
+            .is_some_and(|c| c.session.outcome().is_none())
+    );
+
+    // 2. A new process answers from the saved states; the sum is the three deltas.
+    let outcome = bed.run_secure_round(Agent::start(configs), &stores);
+    assert_eq!(outcome.survivors.len(), 3);
+    let expected = expected_delta(&bed, "2", ModelVersion(0));
+    let level = 1.0 / secagg.scale() as f32;
+    for (i, (got, want)) in secagg
+        .decode(&outcome.sum)
+        .iter()
+        .zip(&expected)
+        .enumerate()
+    {
+        let want = 3.0 * want.clamp(-CLIP, CLIP);
+        assert!((got - want).abs() <= 3.0 * level + 1e-5, "coordinate {i}");
+    }
+    // Settled rounds leave no secrets behind.
+    for store in stores {
+        let dir = bed.state_dir(store).join("secrets");
+        assert_eq!(
+            std::fs::read_dir(&dir).expect("secrets").count(),
+            0,
+            "{store}"
+        );
+    }
+}
+
+#[test]
+fn status_reports_the_identity_the_pop_over_each_protocol_and_why_it_is_unreachable() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let gather = |config: &AgentConfig| {
+        runtime
+            .block_on(daemon::status::gather(config, Duration::from_secs(15)))
+            .expect("status")
+    };
+    // A closed port: bound once, then released.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("port")
+        .to_string();
+
+    // 1. Reachable over HTTP/3, an always-open window, nothing spent or queued.
+    let config = bed.config("2", "00:00-24:00", "");
+    let up = gather(&config);
+    assert_eq!(
+        up.spiffe_id.as_deref(),
+        Some("spiffe://fedmesh.test/store/north/2")
+    );
+    assert!(up.identity_expires.is_some() && up.identity_error.is_none());
+    assert!(up.pop_reachable, "{up:?}");
+    assert_eq!(up.pop_protocol.as_deref(), Some("HTTP/3"));
+    assert!(up.window_open);
+    assert!(up.queued.is_empty());
+    assert_eq!(up.epsilon_spent, 0.0);
+    assert_eq!(up.epsilon_left, up.epsilon_budget);
+
+    // 2. UDP gets nowhere (nothing listens on the QUIC port): the TCP fallback answers.
+    let mut no_udp = config.clone();
+    no_udp.pop.address = closed.clone();
+    let fallback = gather(&no_udp);
+    assert!(fallback.pop_reachable, "{fallback:?}");
+    assert_eq!(fallback.pop_protocol.as_deref(), Some("HTTP/2"));
+
+    // 3. Neither answers: unreachable, with the reason.
+    let mut down = config.clone();
+    down.pop.address = closed.clone();
+    down.pop.fallback_tcp_address = Some(closed);
+    let unreachable = gather(&down);
+    assert!(!unreachable.pop_reachable);
+    assert!(unreachable.pop_protocol.is_none());
+    assert!(unreachable.pop_error.is_some(), "{unreachable:?}");
+
+    // 4. A window that is closed now says when it opens next: within a day, in the future.
+    let now = jiff::Timestamp::now();
+    let hour = jiff::tz::TimeZone::UTC.to_datetime(now).hour();
+    let (start, end) = ((hour + 2) % 24, (hour + 3) % 24);
+    let closed_window = bed.config("2", &format!("{start:02}:00-{end:02}:00"), "");
+    let later = gather(&closed_window);
+    assert!(!later.window_open);
+    let next: jiff::Timestamp = later.next_window.parse().expect("RFC 3339");
+    let ahead = next.duration_since(now).as_secs();
+    assert!((3_600..=3 * 3_600).contains(&ahead), "opens in {ahead} s");
 }
 
 /// Runs the `store-agent` binary with `args`.

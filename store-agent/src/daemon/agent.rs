@@ -187,6 +187,17 @@ impl StoreAgent {
                     .state
                     .last_joined_round
                     .is_none_or(|j| round.round.0 > j);
+            // A round this store joined in an earlier process: answer its unmask request
+            // from the state saved then, once.
+            let joined_before = self.decided.is_none_or(|d| round.round.0 > d)
+                && self.state.last_joined_round == Some(round.round.0);
+            if joined_before {
+                self.decided = Some(round.round.0);
+                match self.resume_unmask(round, shutdown).await {
+                    Ok(_) => {}
+                    Err(Stop::Shutdown) => return Ok(()),
+                }
+            }
             if fresh {
                 let previous = self.decided.replace(round.round.0);
                 match self.take_part(round, shutdown).await {
@@ -355,13 +366,21 @@ impl StoreAgent {
 
     /// Exponential backoff with full jitter after `failures` failed polls in a row.
     fn backoff(&self, failures: u32) -> Duration {
-        let base = self.config.pop.poll_max_ms;
-        let ceiling = base
-            .saturating_mul(1u64 << failures.min(20))
-            .min(self.config.pop.backoff_max_ms);
-        let floor = self.config.pop.poll_min_ms.min(ceiling);
+        let (floor, ceiling) = backoff_range(&self.config.pop, failures);
         Duration::from_millis(rand::thread_rng().gen_range(floor..=ceiling))
     }
+}
+
+/// The range (ms) the wait after `failures` failed polls in a row is drawn from, uniformly:
+/// from the shortest poll wait up to the longest doubled per failure, capped at
+/// `backoff_max_ms`. Full jitter keeps hundreds of stores that lost the WAN together from
+/// coming back in step.
+pub(super) fn backoff_range(pop: &crate::config::PopSection, failures: u32) -> (u64, u64) {
+    let ceiling = pop
+        .poll_max_ms
+        .saturating_mul(1u64 << failures.min(20))
+        .min(pop.backoff_max_ms);
+    (pop.poll_min_ms.min(ceiling), ceiling)
 }
 
 /// SHA-256 over the loaded (redacted) rows: features and targets, train then test, as
@@ -376,4 +395,36 @@ fn dataset_digest(data: &StoreData) -> String {
         }
     }
     hex::encode(hash.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_range;
+    use crate::config::PopSection;
+
+    fn pop() -> PopSection {
+        let mut pop: PopSection =
+            toml::from_str("address = \"127.0.0.1:1\"").expect("a pop section");
+        pop.poll_min_ms = 1_000;
+        pop.poll_max_ms = 2_000;
+        pop.backoff_max_ms = 30_000;
+        pop
+    }
+
+    #[test]
+    fn backoff_doubles_per_failure_up_to_the_cap_from_the_shortest_poll() {
+        // 2 s doubled: 4, 8, 16 s, then the 30 s cap, however many failures follow.
+        let pop = pop();
+        let ceilings: Vec<u64> = (1..=6).map(|f| backoff_range(&pop, f).1).collect();
+        assert_eq!(ceilings, [4_000, 8_000, 16_000, 30_000, 30_000, 30_000]);
+        assert_eq!(backoff_range(&pop, 1_000).1, 30_000, "no overflow");
+        assert!((0..40).all(|f| backoff_range(&pop, f).0 == 1_000));
+    }
+
+    #[test]
+    fn a_cap_below_the_poll_wait_still_gives_a_valid_range() {
+        let mut pop = pop();
+        pop.backoff_max_ms = 500;
+        assert_eq!(backoff_range(&pop, 3), (500, 500));
+    }
 }

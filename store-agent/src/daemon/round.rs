@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use fedmesh_protocol::moments::StatisticsTask;
 use fedmesh_protocol::params::Scope;
-use fedmesh_protocol::secagg::{Masking, PackedVector, SecAggPlan, StoreSession};
+use fedmesh_protocol::secagg::{Masking, PackedVector, SecAggPlan, StoreSession, UnmaskState};
 use fedmesh_protocol::update::clip_l2;
 use fedmesh_protocol::wire::{
     self, CoreMessage, RoundAnnouncement, SecAggStep, StoreMessage, UpdateHeader,
@@ -160,11 +160,22 @@ impl StoreAgent {
         round: &RoundAnnouncement,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Outcome, Stop> {
+        // What answers the unmask request after a restart goes to disk before anything is
+        // sent (mode 0600, deleted when the round settles).
+        if session.plan().masking() == Masking::Secure
+            && let Err(reason) = self.save_unmask_state(session)
+        {
+            return Ok(Outcome::Failed(reason));
+        }
+
         // 6. Send; a failed send stays queued and the loop sends it again.
         let sent = self.send_entry(entry).await;
         if *shutdown.borrow() {
             return Err(Stop::Shutdown);
         }
+
+        // A crash between the upload and the unmask step (tests).
+        fail::fail_point!("round.before_unmask", |_| Ok(Outcome::Queued));
 
         // 7. Unmask: release the shares core asks for.
         if session.plan().masking() == Masking::Secure
@@ -473,10 +484,70 @@ impl StoreAgent {
             Ok(response) => response,
             Err(e) => return Ok(Err(format!("unmask request refused: {e}"))),
         };
+        // The release is on disk before the shares leave: a restarted store must not be
+        // talked into the other kind for the same peer.
+        if let Err(reason) = self.save_unmask_state(session) {
+            return Ok(Err(reason));
+        }
         let msg = StoreMessage::UnmaskResponse(response);
         let path = wire::secagg(round.round);
         let posted = self.post_step(&path, &msg, round.deadlines.unmask_ms, shutdown);
         Ok(posted.await?.map_err(|e| e.to_string()))
+    }
+
+    /// Saves what answers this round's unmask request, readable by the agent only.
+    fn save_unmask_state(&self, session: &StoreSession) -> Result<(), String> {
+        let state = session.unmask_state().map_err(|e| e.to_string())?;
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(&state).map_err(|e| e.to_string())?);
+        self.secrets
+            .store(session.plan().round().0, &bytes)
+            .map_err(|e| format!("cannot save the round's unmask state: {e}"))
+    }
+
+    /// After a restart: if this store saved an unmask state for the announced round, it
+    /// answers the round's unmask request from it. Returns whether it found one.
+    pub(super) async fn resume_unmask(
+        &mut self,
+        round: &RoundAnnouncement,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<bool, Stop> {
+        let saved = match self.secrets.load(round.round.0) {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                tracing::warn!(store.id = %self.store, error = %e, "cannot read round secrets");
+                return Ok(false);
+            }
+        };
+        let session = serde_json::from_slice::<UnmaskState>(&saved)
+            .map_err(|e| e.to_string())
+            .and_then(|state| StoreSession::resume(&state, &mut OsRng).map_err(|e| e.to_string()));
+        let announced = SecAggPlan::new(round.plan.clone()).ok();
+        let same_plan = |s: &StoreSession| {
+            announced
+                .as_ref()
+                .is_some_and(|p| p.config() == s.plan().config())
+        };
+        let mut session = match session {
+            Ok(session) if same_plan(&session) => session,
+            Ok(_) => {
+                tracing::warn!(store.id = %self.store, round.id = round.round.0,
+                    "saved unmask state is for another plan; not resumed");
+                return Ok(false);
+            }
+            Err(e) => {
+                tracing::warn!(store.id = %self.store, round.id = round.round.0, error = %e,
+                    "saved unmask state unusable; not resumed");
+                return Ok(false);
+            }
+        };
+        tracing::info!(store.id = %self.store, round.id = round.round.0,
+            "resuming the round's unmask step after a restart");
+        if let Err(reason) = self.unmask(&mut session, round, shutdown).await? {
+            tracing::warn!(store.id = %self.store, round.id = round.round.0,
+                reason = %reason, "unmask step not answered");
+        }
+        Ok(true)
     }
 
     /// Posts a secure-aggregation message, again after transient failures until the phase
