@@ -933,6 +933,7 @@ listen = "{addr}"
 core = "{core}"
 identity_dir = "{pki}"
 state_dir = "{state}"
+registry_public_key = "{registry_pub}"
 plan_poll_ms = 200
 ledger_refresh_ms = 1000
 core_unreachable_after_ms = 10000
@@ -955,6 +956,7 @@ min_epsilon_remaining = 0.0
         policy = normalise(&policy).display(),
         log = state.join("decisions.jsonl").display(),
         domain = scenario.topology.trust_domain,
+        registry_pub = layout.keys.join("registry.pub").display(),
     );
     let path = layout.conf.join(format!("pop-{}.toml", pop.name));
     std::fs::write(&path, text)?;

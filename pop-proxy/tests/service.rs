@@ -94,7 +94,47 @@ fn announcement(round: u64, cohort: &[&str], upload_in: Duration) -> Result<Roun
 
 const BLOB: &[u8] = b"model weights, safetensors in real life";
 
+/// Version 0 of `model` as the registry whose keys are in `keys` signs it.
+fn signed_manifest(keys: &Path, model: &str) -> Result<Vec<u8>> {
+    use fedmesh_core_agg::registry::embedded::EmbeddedBackend;
+    use fedmesh_core_agg::registry::{
+        Backend, Candidate, DpSpend, Registry, keys::read_signing_key,
+    };
+    let store = tempfile::tempdir()?;
+    let registry = Registry::new(
+        EmbeddedBackend::open(store.path())?,
+        read_signing_key(&keys.join("registry.key"))?,
+    );
+    let model = fedmesh_core_agg::ModelId(model.into());
+    let candidate = Candidate {
+        model: model.clone(),
+        parent: None,
+        blob: BLOB.to_vec(),
+        model_spec: "mlp".into(),
+        training_config_sha256: service::cache::sha256_hex(b"task"),
+        dp: DpSpend {
+            unit: "record".into(),
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            delta: 1e-5,
+            epsilon: 0.0,
+        },
+        metrics: BTreeMap::new(),
+    };
+    registry.publish(&candidate, 0.05, fedmesh_core_agg::Timestamp(0))?;
+    let signed = registry
+        .backend()
+        .manifest(&model, ModelVersion(0))?
+        .context("published")?;
+    Ok(serde_json::to_vec(&signed)?)
+}
+
 async fn fake_core(pki: &DevPkiLayout, ann: RoundAnnouncement) -> Result<FakeCore> {
+    let pki_root = pki
+        .bundle
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     let announcement = Arc::new(Mutex::new(Some(ann)));
     let log = Arc::new(Mutex::new(CoreLog::default()));
     let accept_sums = Arc::new(Mutex::new(true));
@@ -144,6 +184,23 @@ async fn fake_core(pki: &DevPkiLayout, ann: RoundAnnouncement) -> Result<FakeCor
             record(&l3, &r);
             async { Response::new(StatusCode::NO_CONTENT, SendBody::empty()) }
         })
+        .route(
+            Method::GET,
+            "/v1/models/{model}/versions/{version}",
+            move |r| {
+                // "oj" v0 is signed by the registry's key, "rogue" v0 by another key.
+                let body = match r.param("model") {
+                    Some("oj") => signed_manifest(&pki_root.join("../keys"), "oj"),
+                    _ => signed_manifest(&pki_root.join("../other-keys"), "rogue"),
+                };
+                async move {
+                    match body {
+                        Ok(body) => Response::new(StatusCode::OK, SendBody::from_bytes(body)),
+                        Err(e) => Response::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+            },
+        )
         .route(Method::GET, "/v1/blobs/{sha}", move |r| {
             l4.lock().unwrap().blob_fetches += 1;
             let tampered = r.param("sha") != Some(service::cache::sha256_hex(BLOB).as_str());
@@ -206,6 +263,8 @@ impl Mesh {
             ("north", "3"),
             ("south", "9"),
         ];
+        fedmesh_core_agg::registry::keys::generate(&dir.path().join("keys"))?;
+        fedmesh_core_agg::registry::keys::generate(&dir.path().join("other-keys"))?;
         let pki = write_dev_pki(
             &dir.path().join("pki"),
             &DevPkiSpec {
@@ -245,6 +304,7 @@ admin_listen = "127.0.0.1:0"
 core = "{core}"
 identity_dir = "{root}/pki/pop/chicago"
 state_dir = "{root}/state"
+registry_public_key = "{root}/keys/registry.pub"
 plan_poll_ms = 50
 ledger_refresh_ms = 100
 [policy]
@@ -599,6 +659,32 @@ async fn relayed_requests_carry_the_certificate_identity_not_a_forged_header() -
         .await?;
     assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(mesh.core.log.lock().unwrap().blob_fetches, 2);
+
+    // Manifests are served only when the registry's key signed them for that model and
+    // version; one signed by another key is refused and never cached.
+    let path = wire::model_version("oj", ModelVersion(0));
+    let served = client.get(&path).await?.bytes(1 << 20).await?;
+    let signed: fedmesh_core_agg::registry::SignedManifest = serde_json::from_slice(&served)?;
+    let public =
+        fedmesh_core_agg::registry::keys::read_verifying_key(&mesh.root.join("keys/registry.pub"))?;
+    let manifest = fedmesh_core_agg::registry::verify_manifest(
+        &signed,
+        &public,
+        &fedmesh_core_agg::ModelId("oj".into()),
+        Some(ModelVersion(0)),
+    )?;
+    assert_eq!(manifest.blob_sha256, digest);
+    let forged = client
+        .request(
+            Method::GET,
+            &wire::model_version("rogue", ModelVersion(0)),
+            HeaderMap::new(),
+            SendBody::empty(),
+        )
+        .await?;
+    assert_eq!(forged.status(), StatusCode::BAD_GATEWAY);
+    let body: ApiError = serde_json::from_slice(&forged.bytes(1 << 16).await?)?;
+    assert_eq!(body.reason, "bad_manifest");
     running.kill().await;
     Ok(())
 }

@@ -117,6 +117,7 @@ listen = "127.0.0.1:0"
 core = "{core}"
 identity_dir = "{root}/pki/pop/chicago"
 state_dir = "{root}/pop-state"
+registry_public_key = "{root}/keys/registry.pub"
 plan_poll_ms = 50
 ledger_refresh_ms = 200
 [policy]

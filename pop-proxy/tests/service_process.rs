@@ -51,6 +51,7 @@ fn sigusr1_drains_and_sigterm_exits_cleanly() -> Result<()> {
             stores: vec![],
         },
     )?;
+    fedmesh_core_agg::registry::keys::generate(&root.join("keys"))?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy/rego");
     // Core is unreachable here (nothing listens on its port), so readiness is withdraw
@@ -63,6 +64,7 @@ admin_listen = "{admin}"
 core = "127.0.0.1:{core}"
 identity_dir = "pki/pop/chicago"
 state_dir = "state"
+registry_public_key = "keys/registry.pub"
 [policy]
 path = "{policy}"
 decision_log = "decisions.jsonl"

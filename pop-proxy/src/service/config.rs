@@ -59,6 +59,9 @@ pub struct Config {
     pub identity_dir: PathBuf,
     /// Directory for partial sums not yet acknowledged by core; survives restarts.
     pub state_dir: PathBuf,
+    /// The registry's public key (`registry.pub` from `core-agg registry keygen`): the
+    /// model cache serves only manifests it signed.
+    pub registry_public_key: PathBuf,
     /// Uploads decoded at once; further uploads wait for a slot.
     #[serde(default = "default_max_uploads")]
     pub max_uploads_in_flight: usize,
@@ -238,6 +241,7 @@ impl Config {
         for path in [
             &mut self.identity_dir,
             &mut self.state_dir,
+            &mut self.registry_public_key,
             &mut self.policy.path,
             &mut self.policy.decision_log,
         ] {

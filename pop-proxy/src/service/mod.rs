@@ -79,6 +79,9 @@ pub enum ServeError {
     /// The client to core could not be set up.
     #[error("core client: {0}")]
     Core(String),
+    /// The registry's public key could not be read.
+    #[error("registry_public_key: {0}")]
+    RegistryKey(String),
 }
 
 /// The PoP's shared state, seen by every handler and task.
@@ -89,6 +92,8 @@ pub struct Pop {
     rounds: Mutex<Rounds>,
     ledger: RwLock<Option<LedgerSnapshot>>,
     cache: ModelCache,
+    /// Verifies the manifests the cache takes from core.
+    registry_key: ed25519_dalek::VerifyingKey,
     metrics: Metrics,
     uploads: Arc<Semaphore>,
     draining: AtomicBool,
@@ -299,6 +304,9 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
         });
     }
     let trust_domain = own_id.trust_domain().to_string();
+    let registry_key =
+        fedmesh_core_agg::registry::keys::read_verifying_key(&config.registry_public_key)
+            .map_err(|e| ServeError::RegistryKey(e.to_string()))?;
     let policy = Arc::new(PolicyGate::open(&config.policy)?);
     let rounds = Rounds::recover(&config.state_dir, &config.metro)?;
 
@@ -314,6 +322,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     let pop = Arc::new(Pop {
         cache: ModelCache::new(config.cache_max_object_bytes),
+        registry_key,
         uploads: Arc::new(Semaphore::new(config.max_uploads_in_flight)),
         config,
         core,

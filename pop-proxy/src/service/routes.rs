@@ -331,8 +331,36 @@ async fn cached(pop: Arc<Pop>, request: Request, digest: Option<String>) -> Resp
             "the blob from core does not match its digest",
         );
     }
+    if digest.is_none()
+        && let Err(why) = verify_manifest(&pop, &request, &bytes)
+    {
+        tracing::warn!(path = %key, error = %why, "core served a manifest that does not verify");
+        return api_error(StatusCode::BAD_GATEWAY, "bad_manifest", why);
+    }
     pop.cache.insert(key, bytes.clone());
     serve(&pop, bytes)
+}
+
+/// Checks a manifest from core against the registry's key, for the model and version the
+/// request names: the cache never serves one the registry did not sign.
+fn verify_manifest(pop: &Pop, request: &Request, bytes: &[u8]) -> Result<(), String> {
+    use fedmesh_core_agg::ModelId;
+    use fedmesh_core_agg::registry::SignedManifest;
+    let model = request.param("model").ok_or("no model in the path")?;
+    let version: u64 = request
+        .param("version")
+        .and_then(|v| v.parse().ok())
+        .ok_or("no version in the path")?;
+    let signed: SignedManifest =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a signed manifest: {e}"))?;
+    fedmesh_core_agg::registry::verify_manifest(
+        &signed,
+        &pop.registry_key,
+        &ModelId(model.to_owned()),
+        Some(fedmesh_protocol::ids::ModelVersion(version)),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// `PUT /v1/rounds/{round}/update`: policy, header checks, streaming fold, durable
