@@ -131,13 +131,13 @@ fn denies_routes_a_store_may_not_use() {
     };
     assert_eq!(denied_rules(&policy.decide(&wrong_method)), ["route"]);
 
-    let plan = PolicyInput {
-        route: "/v1/plan".into(),
+    let poll = PolicyInput {
+        route: "/v1/round".into(),
         method: "GET".into(),
         round: None,
         ..valid_input()
     };
-    assert!(policy.decide(&plan).allow);
+    assert!(policy.decide(&poll).allow);
 }
 
 #[test]
@@ -159,8 +159,8 @@ fn denies_input_missing_fields() {
 #[test]
 fn default_policy_rego_tests_pass() {
     let results = fedmesh_policy::run_tests(&default_policy());
-    // policy_test.rego defines 25 test_ rules; each must be found and pass.
-    assert_eq!(results.len(), 25, "{results:#?}");
+    // policy_test.rego defines 32 test_ rules; each must be found and pass.
+    assert_eq!(results.len(), 32, "{results:#?}");
     let failed: Vec<_> = results.iter().filter(|r| !r.passed()).collect();
     assert!(failed.is_empty(), "{failed:#?}");
 }

@@ -71,12 +71,16 @@ fn generate_inputs(count: usize) -> Vec<Value> {
     ];
     let regions = ["midwest", "northeast", "south", "west"];
     let store_routes = [
-        ("GET", "/v1/plan"),
-        ("GET", "/v1/models/{digest}"),
-        ("POST", "/v1/rounds/{round}/keys"),
-        ("POST", "/v1/rounds/{round}/shares"),
+        ("GET", "/v1/round"),
+        ("GET", "/v1/models/{model}/current"),
+        ("GET", "/v1/models/{model}/versions/{version}"),
+        ("GET", "/v1/blobs/{sha256}"),
+        ("GET", "/v1/rounds/{round}/receipt"),
+        ("GET", "/v1/ledger"),
+        ("POST", "/v1/rounds/{round}/evaluation"),
+        ("POST", "/v1/rounds/{round}/secagg"),
+        ("GET", "/v1/rounds/{round}/secagg/{step}"),
         ("PUT", "/v1/rounds/{round}/update"),
-        ("GET", "/v1/rounds/{round}/status"),
     ];
     let other_routes = [
         "/v1/admin/drain",

@@ -24,7 +24,7 @@ fn policy_test_passes_on_the_default_policy() {
         stdout.contains("PASS data.fedmesh.pop_test.test_denies_expired_budget"),
         "{stdout}"
     );
-    assert!(stdout.contains("25 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("32 passed, 0 failed"), "{stdout}");
 }
 
 #[test]

@@ -313,7 +313,6 @@ decision_log = "{root}/decisions.jsonl"
 [policy.data]
 stores_trust_domain = "fedmesh.test"
 min_runtime_version = "1.4.2"
-store_routes = [{{ method = "PUT", route = "/v1/rounds/{{round}}/update" }}]
 "#,
             core = self.core.server.quic_addr(),
             root = self.root.display(),
@@ -425,6 +424,20 @@ async fn upload(mesh: &Mesh, client: &Client, store: &str, seed: u64) -> Result<
     Ok(values)
 }
 
+/// Headers a store sends on every request: its runtime version.
+fn store_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(wire::RUNTIME_HEADER, HeaderValue::from_static("1.4.2"));
+    headers
+}
+
+/// `GET path` as a store sends it.
+async fn store_get(client: &Client, path: &str) -> Result<fedmesh_transport::ClientResponse> {
+    Ok(client
+        .request(Method::GET, path, store_headers(), SendBody::empty())
+        .await?)
+}
+
 async fn advertise(client: &Client, store: &str, forged: Option<&str>) -> Result<StatusCode> {
     let message = wire::StoreMessage::KeyAdvert(KeyAdvert {
         round: RoundId(7),
@@ -432,7 +445,7 @@ async fn advertise(client: &Client, store: &str, forged: Option<&str>) -> Result
         cipher_key: [1; 32],
         mask_key: [2; 32],
     });
-    let mut headers = HeaderMap::new();
+    let mut headers = store_headers();
     if let Some(forged) = forged {
         headers.insert(wire::STORE_HEADER, HeaderValue::from_str(forged)?);
     }
@@ -620,7 +633,7 @@ async fn relayed_requests_carry_the_certificate_identity_not_a_forged_header() -
         advertise(&client, "2", Some(forged)).await?,
         StatusCode::ACCEPTED
     );
-    let mut headers = HeaderMap::new();
+    let mut headers = store_headers();
     headers.insert(wire::STORE_HEADER, HeaderValue::from_static(forged));
     let receipt = client
         .request(
@@ -641,29 +654,21 @@ async fn relayed_requests_carry_the_certificate_identity_not_a_forged_header() -
     // Blobs come from core once, checked against their digest.
     let digest = service::cache::sha256_hex(BLOB);
     for _ in 0..2 {
-        let blob = client
-            .get(&wire::blob(&digest))
+        let blob = store_get(&client, &wire::blob(&digest))
             .await?
             .bytes(1 << 20)
             .await?;
         assert_eq!(&blob[..], BLOB);
     }
     let bad = service::cache::sha256_hex(b"not the blob");
-    let refused = client
-        .request(
-            Method::GET,
-            &wire::blob(&bad),
-            HeaderMap::new(),
-            SendBody::empty(),
-        )
-        .await?;
+    let refused = store_get(&client, &wire::blob(&bad)).await?;
     assert_eq!(refused.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(mesh.core.log.lock().unwrap().blob_fetches, 2);
 
     // Manifests are served only when the registry's key signed them for that model and
     // version; one signed by another key is refused and never cached.
     let path = wire::model_version("oj", ModelVersion(0));
-    let served = client.get(&path).await?.bytes(1 << 20).await?;
+    let served = store_get(&client, &path).await?.bytes(1 << 20).await?;
     let signed: fedmesh_core_agg::registry::SignedManifest = serde_json::from_slice(&served)?;
     let public =
         fedmesh_core_agg::registry::keys::read_verifying_key(&mesh.root.join("keys/registry.pub"))?;
@@ -674,17 +679,47 @@ async fn relayed_requests_carry_the_certificate_identity_not_a_forged_header() -
         Some(ModelVersion(0)),
     )?;
     assert_eq!(manifest.blob_sha256, digest);
-    let forged = client
-        .request(
-            Method::GET,
-            &wire::model_version("rogue", ModelVersion(0)),
-            HeaderMap::new(),
-            SendBody::empty(),
-        )
-        .await?;
+    let forged = store_get(&client, &wire::model_version("rogue", ModelVersion(0))).await?;
     assert_eq!(forged.status(), StatusCode::BAD_GATEWAY);
     let body: ApiError = serde_json::from_slice(&forged.bytes(1 << 16).await?)?;
     assert_eq!(body.reason, "bad_manifest");
+    running.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_decides_every_store_route_and_a_store_past_its_budget_may_only_read() -> Result<()>
+{
+    let mesh = Mesh::new(&["1", "2", "9"], Duration::from_secs(30)).await?;
+    let running = mesh.pop().await?;
+    let allowed = mesh.store(&running, "2")?;
+    let spent = mesh.store(&running, "9")?;
+    let reason = |body: &[u8]| -> Result<ApiError> { Ok(serde_json::from_slice(body)?) };
+
+    // A store with budget left relays every step; one without may poll the round and fetch
+    // its receipt (its queue must settle), but not advertise keys for a round.
+    assert_eq!(advertise(&allowed, "2", None).await?, StatusCode::ACCEPTED);
+    let poll = store_get(&spent, wire::ROUND).await?;
+    assert_eq!(poll.status(), StatusCode::OK);
+    let receipt = store_get(&spent, &wire::receipt(RoundId(7))).await?;
+    assert_eq!(receipt.status(), StatusCode::NO_CONTENT);
+    assert_eq!(advertise(&spent, "9", None).await?, StatusCode::FORBIDDEN);
+
+    // A runtime older than the minimum is refused on a read route too, naming the rule.
+    let mut old = HeaderMap::new();
+    old.insert(wire::RUNTIME_HEADER, HeaderValue::from_static("1.4.1"));
+    let refused = allowed
+        .request(Method::GET, wire::ROUND, old, SendBody::empty())
+        .await?;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body = reason(&refused.bytes(1 << 16).await?)?;
+    assert_eq!(body.reason, "policy_denied");
+    assert!(body.message.contains("runtime_version"), "{}", body.message);
+
+    // Each decision is counted by result and rule.
+    let (_, metrics) = plain_get(running.admin_addr().context("admin")?, wire::METRICS).await?;
+    assert!(metrics.contains("rule=\"runtime_version\""), "{metrics}");
+    assert!(metrics.contains("rule=\"epsilon_remaining\""), "{metrics}");
     running.kill().await;
     Ok(())
 }

@@ -129,6 +129,10 @@ pub struct StoreRoute {
     pub method: String,
     /// The route template, e.g. `/v1/rounds/{round}/update`.
     pub route: String,
+    /// Whether the route needs budget left (the default policy exempts only routes marked
+    /// `false`: reading rounds, models and receipts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budgeted: Option<bool>,
 }
 
 fn default_max_uploads() -> usize {

@@ -155,14 +155,69 @@ fn refusing_while_stopping(pop: &Pop) -> Option<Response> {
         })
 }
 
+/// The policy's decision on a store's request to `route`, on the facts its certificate and
+/// core's ledger give (counted and logged by the gate).
+fn decide(
+    pop: &Pop,
+    request: &Request,
+    region: &Region,
+    store: &StoreId,
+    route: &str,
+    round: Option<RoundId>,
+) -> fedmesh_policy::Decision {
+    let peer = request.peer();
+    let runtime = request
+        .headers()
+        .get(wire::RUNTIME_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let input = PolicyInput {
+        spiffe_id: peer.spiffe_id().to_string(),
+        trust_domain: peer.trust_domain().to_owned(),
+        runtime_version: runtime.to_owned(),
+        epsilon_remaining: pop.epsilon_remaining(store),
+        region: region.clone(),
+        round,
+        route: route.to_owned(),
+        method: request.method().to_string(),
+    };
+    let decision = pop.policy.decide(&input);
+    pop.metrics.decision(decision.allow, &decision.rule);
+    decision
+}
+
+/// The store behind a request, if the policy lets it use `route`; otherwise the refusal
+/// (403 `policy_denied` with every reason).
+fn admit(pop: &Pop, request: &Request, route: &str) -> Result<StoreId, Box<Response>> {
+    let (region, store) = store_of(request.peer())?;
+    let round = request
+        .param("round")
+        .and_then(|r| r.trim_start_matches('r').parse().ok())
+        .map(RoundId);
+    let decision = decide(pop, request, &region, &store, route, round);
+    if decision.allow {
+        return Ok(store);
+    }
+    let reasons: Vec<String> = decision
+        .reasons
+        .iter()
+        .map(|d| format!("{}: {}", d.rule, d.reason))
+        .collect();
+    Err(Box::new(api_error(
+        StatusCode::FORBIDDEN,
+        RejectReason::PolicyDenied.as_str(),
+        reasons.join("; "),
+    )))
+}
+
 /// Relays a store's request to core, naming the store by its certificate.
 async fn relay(pop: Arc<Pop>, mut request: Request, route: &'static str) -> Response {
     pop.metrics.request(route);
     if let Some(refusal) = refusing_while_stopping(&pop) {
         return refusal;
     }
-    let (_, store) = match store_of(request.peer()) {
-        Ok(found) => found,
+    let store = match admit(&pop, &request, route) {
+        Ok(store) => store,
         Err(refusal) => return *refusal,
     };
 
@@ -276,7 +331,7 @@ async fn cached(pop: Arc<Pop>, request: Request, digest: Option<String>) -> Resp
         "/v1/models/{model}/versions/{version}"
     };
     pop.metrics.request(route);
-    if let Err(refusal) = store_of(request.peer()) {
+    if let Err(refusal) = admit(&pop, &request, route) {
         return *refusal;
     }
     if let Some(digest) = &digest
@@ -390,24 +445,7 @@ async fn upload(pop: Arc<Pop>, request: Request) -> Response {
     let round = header.round;
 
     // 2. Policy on authenticated facts and core's ledger.
-    let peer = request.peer();
-    let runtime = request
-        .headers()
-        .get(wire::RUNTIME_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let input = PolicyInput {
-        spiffe_id: peer.spiffe_id().to_string(),
-        trust_domain: peer.trust_domain().to_owned(),
-        runtime_version: runtime.to_owned(),
-        epsilon_remaining: pop.epsilon_remaining(&store),
-        region: region.clone(),
-        round: Some(round),
-        route: UPDATE_ROUTE.to_owned(),
-        method: Method::PUT.to_string(),
-    };
-    let decision = pop.policy.decide(&input);
-    pop.metrics.decision(decision.allow, &decision.rule);
+    let decision = decide(&pop, &request, &region, &store, UPDATE_ROUTE, Some(round));
 
     // 3. A slot, then the header checks against the round.
     let Ok(_permit) = pop.uploads.acquire().await else {

@@ -80,7 +80,19 @@ deny contains {
 	not runtime_version_ok
 }
 
-# 3. Privacy budget: the epsilon core's ledger says is left must exceed the floor.
+# 3. Privacy budget: the epsilon core's ledger says is left must exceed the floor on the
+# routes by which a store takes part in a round (those marked budgeted, and any route the
+# list does not name). Reading rounds, models and its own receipts stays open to a store
+# past its budget, so that its upload queue settles; it cannot contribute again.
+
+budget_exempt if {
+	some r in config.store_routes
+	r.method == input.method
+	r.route == input.route
+	r.budgeted == false
+}
+
+epsilon_ok if budget_exempt
 
 epsilon_ok if {
 	is_number(input.epsilon_remaining)

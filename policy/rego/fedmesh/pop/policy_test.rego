@@ -97,9 +97,51 @@ test_denies_missing_epsilon if denied_only_by("epsilon_remaining", without_field
 
 test_denies_epsilon_as_string if denied_only_by("epsilon_remaining", with_fields({"epsilon_remaining": "3"}))
 
+# A store past its budget may still read, and settle its queue; it may not contribute.
+
+test_exhausted_store_may_fetch_its_receipt if allowed(with_fields({
+	"epsilon_remaining": 0,
+	"method": "GET",
+	"route": "/v1/rounds/{round}/receipt",
+}))
+
+test_exhausted_store_may_poll_the_round if allowed(with_fields({
+	"epsilon_remaining": 0,
+	"method": "GET",
+	"route": "/v1/round",
+}))
+
+test_exhausted_store_may_not_advertise_keys if denied_only_by("epsilon_remaining", with_fields({
+	"epsilon_remaining": 0.2,
+	"method": "POST",
+	"route": "/v1/rounds/{round}/secagg",
+}))
+
+test_exhausted_store_may_not_fetch_its_neighbours_shares if denied_only_by("epsilon_remaining", with_fields({
+	"epsilon_remaining": 0.2,
+	"method": "GET",
+	"route": "/v1/rounds/{round}/secagg/{step}",
+}))
+
+test_unknown_route_needs_budget_and_is_denied if {
+	doc := with_fields({"epsilon_remaining": 0, "method": "GET", "route": "/v1/rounds/{round}/sum"})
+	denied_by("route", doc)
+	denied_by("epsilon_remaining", doc)
+}
+
 # Routes.
 
-test_allows_plan_fetch if allowed(with_fields({"method": "GET", "route": "/v1/plan"}))
+test_allows_round_poll if allowed(with_fields({"method": "GET", "route": "/v1/round"}))
+
+test_allows_model_and_blob_fetch if {
+	allowed(with_fields({"method": "GET", "route": "/v1/models/{model}/versions/{version}"}))
+	allowed(with_fields({"method": "GET", "route": "/v1/blobs/{sha256}"}))
+}
+
+test_allows_secagg_steps if {
+	allowed(with_fields({"method": "POST", "route": "/v1/rounds/{round}/secagg"}))
+	allowed(with_fields({"method": "GET", "route": "/v1/rounds/{round}/secagg/{step}"}))
+}
 
 test_denies_admin_route if denied_only_by("route", with_fields({"method": "POST", "route": "/v1/admin/drain"}))
 
