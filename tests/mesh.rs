@@ -140,6 +140,43 @@ fn core_restarted_mid_round_comes_back_on_its_state_and_commits_the_rest() -> Re
 }
 
 #[test]
+fn a_store_process_killed_at_each_phase_costs_no_round_and_loses_nothing() -> Result<()> {
+    let run = run("store-killed.toml")?;
+    // With ten stores a round needs five: a killed pair of stores is a dropout the secure
+    // aggregation recovers from, at any phase.
+    assert_healthy(&run.summary, 5);
+    let faults: Vec<&str> = run.summary["faults"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str())
+        .collect();
+    for phase in ["keys", "shares", "upload", "unmask"] {
+        assert!(
+            faults
+                .iter()
+                .any(|f| f.starts_with("killed store process") && f.contains(phase)),
+            "no kill at {phase}: {faults:?}"
+        );
+    }
+    let restarts = faults
+        .iter()
+        .filter(|f| f.starts_with("started store process"))
+        .count();
+    assert!(restarts >= 3, "{faults:?}");
+    // Nothing left queued, no update counted twice, every audit chain intact.
+    let end = &run.summary["stores_at_end"];
+    assert_eq!(end["queued_updates"], 0, "{end:#}");
+    assert_eq!(end["audit_chains_verified"], 10, "{end:#}");
+    assert!(
+        run.summary["rejected"]["duplicate"].is_null(),
+        "{:#}",
+        run.summary["rejected"]
+    );
+    Ok(())
+}
+
+#[test]
 fn a_rogue_identity_and_an_outdated_runtime_never_join_a_round() -> Result<()> {
     let run = run("adversaries.toml")?;
     assert_healthy(&run.summary, 2);

@@ -80,6 +80,10 @@ pub(crate) struct Mesh {
     core: Option<Proc>,
     pops: BTreeMap<String, Proc>,
     stores: Vec<Proc>,
+    /// Each store-agent process's configs, to start it again after a kill.
+    store_configs: Vec<Vec<PathBuf>>,
+    /// Store-agent processes the scenario killed, with when to start them again.
+    dead_stores: BTreeMap<usize, Instant>,
     relays: BTreeMap<String, Relay>,
     front: Arc<Anycast>,
     _health: Vec<tokio::task::JoinHandle<()>>,
@@ -257,6 +261,8 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         core: None,
         pops: BTreeMap::new(),
         stores: Vec::new(),
+        store_configs: Vec::new(),
+        dead_stores: BTreeMap::new(),
         relays,
         front: Arc::clone(&front),
         _health: health,
@@ -298,6 +304,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         let configs: Vec<PathBuf> = group.iter().map(|s| s.config.clone()).collect();
         let proc = spawn_store_agent(bins, &format!("stores-{}", i + 1), &configs, layout)?;
         mesh.stores.push(proc);
+        mesh.store_configs.push(configs);
     }
     let startup = wait_online(&status_client, honest, &mut mesh, Duration::from_secs(120)).await?;
     let startup_seconds = startup.saturating_duration_since(started).as_secs_f64();
@@ -1102,7 +1109,11 @@ fn spawn_store_agent(
     layout: &Layout,
 ) -> Result<Proc> {
     let log = layout.logs.join(format!("{name}.log"));
-    let file = std::fs::File::create(&log)?;
+    // Appended to: a process started again after a kill keeps the first one's lines.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
     let mut command = Command::new(bins.join("store-agent"));
     command.arg("run");
     for config in configs {
@@ -1133,11 +1144,14 @@ fn spawn_store_agent(
 
 /// Fails the run when a process the scenario did not kill has exited.
 fn check_alive(mesh: &mut Mesh) -> Result<()> {
-    let procs = mesh
-        .core
-        .iter_mut()
-        .chain(mesh.pops.values_mut())
-        .chain(mesh.stores.iter_mut());
+    let dead = &mesh.dead_stores;
+    let procs = mesh.core.iter_mut().chain(mesh.pops.values_mut()).chain(
+        mesh.stores
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| !dead.contains_key(i))
+            .map(|(_, p)| p),
+    );
     for proc in procs {
         if let Ok(Some(status)) = proc.child.try_wait() {
             let tail = log_tail(&proc.log, 20);
@@ -1470,7 +1484,44 @@ impl Follower {
             ));
         }
 
-        // 4. Core restarts.
+        // 4. Store-agent processes killed, then started again on their state.
+        for (i, fault) in scenario.faults.stores.iter().enumerate() {
+            let key = format!("store process {i}");
+            if self.applied.contains(&key) || !due(fault.round, &fault.phase) {
+                continue;
+            }
+            self.applied.insert(key);
+            let index = fault.process - 1;
+            let Some(proc) = mesh.stores.get_mut(index) else {
+                continue;
+            };
+            let _ = proc.child.start_kill();
+            let _ = proc.child.wait().await;
+            let restart = now + Duration::from_secs(fault.restart_after_s);
+            mesh.dead_stores.insert(index, restart);
+            lines.push(format!(
+                "killed store process {} ({} stores) in round {at} ({seen})",
+                proc.name,
+                mesh.store_configs.get(index).map_or(0, Vec::len)
+            ));
+        }
+        let due_again: Vec<usize> = mesh
+            .dead_stores
+            .iter()
+            .filter(|(_, at)| now >= **at)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in due_again {
+            mesh.dead_stores.remove(&index);
+            let name = format!("stores-{}", index + 1);
+            let configs = mesh.store_configs[index].clone();
+            mesh.stores[index] = spawn_store_agent(bins, &name, &configs, layout)?;
+            lines.push(format!(
+                "started store process {name} again in round {at} ({seen})"
+            ));
+        }
+
+        // 5. Core restarts.
         for fault in &scenario.faults.core {
             let key = format!("core {}", fault.round);
             if self.applied.contains(&key) || !due(fault.round, &fault.phase) {

@@ -313,6 +313,30 @@ pub struct Faults {
     pub adversaries: Vec<Adversary>,
     /// WAN outages that start at a round's phase.
     pub outages: Vec<Outage>,
+    /// Store-agent processes killed at a round's phase and started again.
+    pub stores: Vec<StoreFault>,
+}
+
+/// A store-agent process (1-based, in the order the lab starts them) killed with SIGKILL
+/// when `round` reaches `phase`, and started again on the same state `restart_after_s`
+/// seconds later, as after a crash or a power cut.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFault {
+    /// Which store-agent process.
+    pub process: usize,
+    /// The round.
+    pub round: u64,
+    /// The phase: `keys`, `shares`, `upload`, `unmask`.
+    #[serde(default = "default_outage_phase")]
+    pub phase: String,
+    /// Seconds until it is started again.
+    #[serde(default = "default_restart_after_s")]
+    pub restart_after_s: u64,
+}
+
+fn default_restart_after_s() -> u64 {
+    2
 }
 
 /// A WAN outage: at `round`'s `phase`, a share of the honest stores lose their links for
@@ -554,6 +578,20 @@ impl Scenario {
                 return bad(
                     "faults.pops",
                     format!("{} {} is unknown", fault.action, fault.pop),
+                );
+            }
+        }
+        for fault in &self.faults.stores {
+            if fault.process == 0
+                || fault.process > self.topology.store_processes
+                || !PHASES.contains(&fault.phase.as_str())
+            {
+                return bad(
+                    "faults.stores",
+                    format!(
+                        "process must be 1 to {} and phase a known phase",
+                        self.topology.store_processes
+                    ),
                 );
             }
         }
