@@ -855,6 +855,58 @@ async fn drain_flips_readiness_to_withdraw() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_pop_finishes_its_open_round_then_withdraws_and_takes_no_new_one() -> Result<()>
+{
+    let mesh = Mesh::new(&["1", "2", "3"], Duration::from_secs(30)).await?;
+    let running = mesh.pop().await?;
+    let admin = running.admin_addr().context("admin listener")?;
+    let ring = mesh.ring();
+    let stores: Vec<Client> = ["1", "2", "3"]
+        .iter()
+        .map(|s| mesh.store(&running, s))
+        .collect::<Result<_>>()?;
+    for (client, id) in stores.iter().zip(["1", "2", "3"]) {
+        assert_eq!(advertise(client, id, None).await?, StatusCode::ACCEPTED);
+    }
+    let mut vectors = vec![upload(&mesh, &stores[0], "1", 200).await?];
+
+    // 1. Drained with round 7 open: it stays ready while the round still needs it.
+    running.pop().drain();
+    let (status, _) = plain_get(admin, wire::READY).await?;
+    assert_eq!(status, 200, "withdrawn with a round still open");
+
+    // 2. The round's other stores finish here; the sum goes to core, then it withdraws.
+    for (i, (client, id)) in stores.iter().zip(["1", "2", "3"]).enumerate().skip(1) {
+        vectors.push(upload(&mesh, client, id, 200 + i as u64).await?);
+    }
+    let sums = mesh.partial_sums(1).await?;
+    let refs: Vec<&[u64]> = vectors.iter().map(Vec::as_slice).collect();
+    assert_eq!(unpack(&sums[0].1, ring), reference_sum(&refs, ring));
+    let until = Instant::now() + Duration::from_secs(5);
+    while plain_get(admin, wire::READY).await?.0 != 503 {
+        if Instant::now() > until {
+            bail!("never withdrew after its round closed");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 3. Core announces round 8: a drained PoP does not take it, so uploads are refused.
+    *mesh.core.announcement.lock().unwrap() =
+        Some(announcement(8, &["1", "2", "3"], Duration::from_secs(30))?);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        running.pop().newest_round() != Some(RoundId(8)),
+        "took a round while drained"
+    );
+    let header = update_header(8, ring.bits(), DIMENSION, "drained-8");
+    let body = ring.pack(&masked_vector(300, ring));
+    let (status, _) = put_update(&stores[0], &header, body, "1.4.2").await?;
+    assert!(status.is_client_error(), "{status}");
+    running.kill().await;
+    Ok(())
+}
+
 /// A plain HTTP/1.1 GET on the admin listener, as a routing daemon's check script does.
 async fn plain_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

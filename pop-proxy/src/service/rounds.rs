@@ -533,11 +533,14 @@ impl Rounds {
 
     /// Whether any round still takes uploads or owes core a sum (drain waits for this).
     pub fn busy(&self, now: Instant) -> bool {
+        // A round needs this PoP while a part is open, or before its deadline while a store
+        // that advertised its keys here has yet to upload.
+        let waiting = |s: &RoundState| s.advertised.iter().any(|store| !s.seen.contains_key(store));
         !self.pending.is_empty()
             || self
                 .rounds
                 .values()
-                .any(|s| s.open.is_some() || (now < s.spec.deadline && !s.advertised.is_empty()))
+                .any(|s| s.open.is_some() || (now < s.spec.deadline && waiting(s)))
     }
 }
 
