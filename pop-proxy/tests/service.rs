@@ -352,6 +352,17 @@ min_runtime_version = "1.4.2"
     }
 
     /// Waits (bounded) until core has received `n` partial sums.
+    /// Clients of `ids`, each of which has advertised its keys through this PoP.
+    async fn advertised_stores(&self, running: &Running, ids: &[&str]) -> Result<Vec<Client>> {
+        let mut clients = Vec::new();
+        for id in ids {
+            let client = self.store(running, id)?;
+            assert_eq!(advertise(&client, id, None).await?, StatusCode::ACCEPTED);
+            clients.push(client);
+        }
+        Ok(clients)
+    }
+
     async fn partial_sums(&self, n: usize) -> Result<Vec<(PartialSumHeader, Bytes)>> {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
@@ -488,16 +499,9 @@ async fn partial_sum_equals_modular_sum_of_accepted_updates() -> Result<()> {
     let mesh = Mesh::new(&["1", "2", "3"], Duration::from_secs(30)).await?;
     let running = mesh.pop().await?;
     let ring = mesh.ring();
-    let stores: Vec<Client> = ["1", "2", "3"]
-        .iter()
-        .map(|s| mesh.store(&running, s))
-        .collect::<Result<_>>()?;
-
     // Every store advertises through this PoP, so the sum goes to core as soon as all three
     // are in, long before the 30 s deadline.
-    for (client, id) in stores.iter().zip(["1", "2", "3"]) {
-        assert_eq!(advertise(client, id, None).await?, StatusCode::ACCEPTED);
-    }
+    let stores = mesh.advertised_stores(&running, &["1", "2", "3"]).await?;
     let mut vectors = Vec::new();
     for (i, (client, id)) in stores.iter().zip(["1", "2", "3"]).enumerate() {
         vectors.push(upload(&mesh, client, id, 100 + i as u64).await?);
@@ -862,13 +866,7 @@ async fn a_draining_pop_finishes_its_open_round_then_withdraws_and_takes_no_new_
     let running = mesh.pop().await?;
     let admin = running.admin_addr().context("admin listener")?;
     let ring = mesh.ring();
-    let stores: Vec<Client> = ["1", "2", "3"]
-        .iter()
-        .map(|s| mesh.store(&running, s))
-        .collect::<Result<_>>()?;
-    for (client, id) in stores.iter().zip(["1", "2", "3"]) {
-        assert_eq!(advertise(client, id, None).await?, StatusCode::ACCEPTED);
-    }
+    let stores = mesh.advertised_stores(&running, &["1", "2", "3"]).await?;
     let mut vectors = vec![upload(&mesh, &stores[0], "1", 200).await?];
 
     // 1. Drained with round 7 open: it stays ready while the round still needs it.
