@@ -526,6 +526,30 @@ async fn partial_sum_equals_modular_sum_of_accepted_updates() -> Result<()> {
     );
     let refs: Vec<&[u64]> = vectors.iter().map(Vec::as_slice).collect();
     assert_eq!(unpack(body, ring), reference_sum(&refs, ring));
+
+    // The operator's view of it: three stores connected, six decisions allowed (three
+    // adverts, three uploads), three updates and their bytes folded at a measured rate,
+    // one partial sum forwarded, at least its bytes sent. (A scrape samples connections.)
+    let metrics = running.pop().encode_metrics();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"))
+    };
+    let packed = ring.packed_len(DIMENSION as usize).unwrap() as f64;
+    assert!(value("fedmesh_pop_connections") >= 3.0);
+    assert_eq!(
+        value("fedmesh_pop_policy_decisions_total{result=\"allow\",rule=\"allow\"}"),
+        6.0
+    );
+    assert_eq!(value("fedmesh_pop_updates_folded_total"), 3.0);
+    assert_eq!(value("fedmesh_pop_fold_bytes_total"), 3.0 * packed);
+    assert!(value("fedmesh_pop_bytes_in_total") >= 3.0 * packed);
+    assert_eq!(value("fedmesh_pop_partial_sums_forwarded_total"), 1.0);
+    assert!(value("fedmesh_pop_bytes_out_total") >= body.len() as f64);
+    assert!(value("fedmesh_pop_fold_throughput_bytes_per_second") > 0.0);
     running.kill().await;
     Ok(())
 }
