@@ -445,6 +445,7 @@ impl Mesh {
             len: partial.vector.len,
             contributors,
             rejected: BTreeMap::new(),
+            resent: false,
         };
         let (status, body) = self
             .call(
@@ -946,6 +947,139 @@ async fn a_store_that_drops_after_sharing_is_unmasked_and_left_out() -> Result<(
         metric(&restarted, "fedmesh_core_registry_version"),
         Some(1.0)
     );
+    Ok(())
+}
+
+/// What a store sees when it asks core for its receipt.
+async fn receipt_of(mesh: &Mesh, round: RoundId, store: &StoreId) -> Result<ReceiptStatus> {
+    let (_, body) = mesh
+        .call(
+            Method::GET,
+            &wire::receipt(round),
+            Some(store),
+            None,
+            Vec::new(),
+        )
+        .await?;
+    Ok(serde_json::from_slice::<RoundReceipt>(&body)?.status)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_re_sent_after_its_pop_died_is_counted_once() -> Result<()> {
+    // Core restarts near the end of the upload window: the unmask step must outlast that.
+    let mut mesh =
+        Mesh::start(|text| *text = text.replace("unmask_s = 3", "unmask_s = 15")).await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+
+    // 1. Every store masks its update; the first two reach core in a PoP's partial sum,
+    //    the third's PoP died holding it.
+    let mut builder = PartialSumBuilder::new(cohort.plan.clone());
+    let mut quantised = Vec::new();
+    let mut masked = Vec::new();
+    for (store, session) in &mut cohort.sessions {
+        let CoreMessage::Shares(shares) = mesh.poll_step(round, SecAggStep::Shares, store).await?
+        else {
+            bail!("shares step answered something else");
+        };
+        session.handle_shares(&shares)?;
+        let q = cohort.plan.quantise(&update_of(store), &mut mesh.rng)?;
+        quantised.push(q.values().to_vec());
+        masked.push(session.mask(&q)?);
+    }
+    let contribution = |store: &StoreId| Contribution {
+        store: store.clone(),
+        region: Region("north".into()),
+        examples: 100,
+        loss: 1.0,
+        bytes: 10,
+    };
+    for update in &masked[..2] {
+        builder.fold(update)?;
+    }
+    let partial = builder.finish()?.context("a partial sum")?;
+    let header = PartialSumHeader {
+        round,
+        pop: "chicago".into(),
+        ring_bits: partial.vector.ring_bits,
+        len: partial.vector.len,
+        contributors: masked[..2].iter().map(|u| contribution(&u.store)).collect(),
+        rejected: BTreeMap::new(),
+        resent: false,
+    };
+    let sum_header = Some((wire::PARTIAL_SUM_HEADER, serde_json::to_string(&header)?));
+    let (status, _) = mesh
+        .call(
+            Method::POST,
+            &wire::partial_sums(round),
+            None,
+            sum_header,
+            partial.vector.bytes,
+        )
+        .await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // 2. Until the PoPs' forwarding time has passed (plus a quarter of the margin), the
+    //    missing store is told to wait; then to send again.
+    let third = masked[2].store.clone();
+    assert_eq!(receipt_of(&mesh, round, &third).await?, ReceiptStatus::Open);
+    let d = announcement.deadlines;
+    let resend_at = d.pop_forward_ms() + (d.upload_ms - d.pop_forward_ms()) / 4;
+    tokio::time::sleep(Duration::from_millis(
+        resend_at.saturating_sub(unix_ms()) + 50,
+    ))
+    .await;
+    assert_eq!(
+        receipt_of(&mesh, round, &third).await?,
+        ReceiptStatus::Resend
+    );
+
+    // 3. Its update comes again, alone and marked, through the surviving PoP; a repeat
+    //    (a lost answer) is acknowledged without counting it twice.
+    let header = PartialSumHeader {
+        contributors: vec![contribution(&third)],
+        resent: true,
+        ..header
+    };
+    for _ in 0..2 {
+        let (status, body) = mesh
+            .call(
+                Method::POST,
+                &wire::partial_sums(round),
+                None,
+                Some((wire::PARTIAL_SUM_HEADER, serde_json::to_string(&header)?)),
+                masked[2].vector.bytes.clone(),
+            )
+            .await?;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let ack: PartialSumAck = serde_json::from_slice(&body)?;
+        assert_eq!(ack.accepted, std::slice::from_ref(&third));
+    }
+    assert_eq!(
+        receipt_of(&mesh, round, &third).await?,
+        ReceiptStatus::Included
+    );
+
+    // 4. Core restarts: the journal brings the held update back, and the model is the
+    //    FedAvg of all three, the third counted once.
+    mesh.restart().await?;
+    assert_eq!(
+        receipt_of(&mesh, round, &third).await?,
+        ReceiptStatus::Included
+    );
+    // The stores poll again (they are online, evaluators can be chosen).
+    assert_eq!(mesh.announcement().await?.round, round);
+    mesh.unmask(round, &mut cohort).await?;
+    mesh.evaluate(round, 0.9).await?;
+    mesh.publishes_fedavg_of(&cohort, &quantised).await?;
+    assert_eq!(mesh.status().await?["history"][0]["dropouts"], 0);
     Ok(())
 }
 

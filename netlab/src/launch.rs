@@ -85,6 +85,8 @@ pub(crate) struct Mesh {
     /// Store-agent processes the scenario killed, with when to start them again.
     dead_stores: BTreeMap<usize, Instant>,
     relays: BTreeMap<String, Relay>,
+    /// A client per PoP, for its `/metrics`.
+    pop_clients: BTreeMap<String, Client>,
     front: Arc<Anycast>,
     _health: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -264,6 +266,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
         store_configs: Vec::new(),
         dead_stores: BTreeMap::new(),
         relays,
+        pop_clients: BTreeMap::new(),
         front: Arc::clone(&front),
         _health: health,
     };
@@ -298,6 +301,7 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
     for (pop, _) in &pop_configs {
         let client = pop_client(pop.addr, &lab_identity)?;
         wait_healthy(&client, "/healthz", Duration::from_secs(60), &mut mesh).await?;
+        mesh.pop_clients.insert(pop.name.clone(), client);
     }
     let groups = store_groups(&stores, scenario.topology.store_processes);
     for (i, group) in groups.iter().enumerate() {
@@ -377,7 +381,16 @@ async fn run_mesh(scenario: &Scenario, layout: &Layout, bins: &Path) -> Result<O
             ));
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A fault bound to a phase needs a look inside that phase, and a short round's
+        // shares phase may last only a store's poll (100-250 ms): look often until the
+        // last such fault's round has gone by.
+        let current = status["round"]["id"].as_u64().unwrap_or(0);
+        let wait = if phase_faults_ahead(scenario, current) {
+            40
+        } else {
+            200
+        };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
     }
 
     // 6. Collect what the report needs while the mesh still serves.
@@ -711,11 +724,15 @@ fn write_task(scenario: &Scenario, layout: &Layout) -> Result<(TaskConfig, Norma
 }
 
 /// What the honest stores left behind: updates still queued (none, once every round they
-/// joined has closed and its receipt came back) and whether each audit chain verifies.
+/// joined has closed and its receipt came back), whether each audit chain verifies, and,
+/// from the audit logs, updates a PoP acknowledged that their round settled without (by
+/// round) and updates sent again after core found them missing.
 fn stores_at_end(stores: &[LabStore]) -> serde_json::Value {
     use fedmesh_store_agent::daemon::state::StateDir;
     let (mut queued, mut holding, mut verified, mut broken) =
         (0usize, Vec::new(), 0usize, Vec::new());
+    let mut held_not_included: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut resent = 0usize;
     let honest: Vec<&LabStore> = stores.iter().filter(|s| s.adversary.is_none()).collect();
     for store in &honest {
         let Ok(dir) = StateDir::open(&store.state_dir) else {
@@ -733,14 +750,58 @@ fn stores_at_end(stores: &[LabStore]) -> serde_json::Value {
             Ok(Ok(_)) => verified += 1,
             _ => broken.push(store.id.clone()),
         }
+        let fates = update_fates(&dir.audit_log());
+        resent += fates.resent;
+        for round in fates.held_not_included {
+            *held_not_included.entry(round).or_default() += 1;
+        }
     }
     serde_json::json!({
         "stores": honest.len(),
         "queued_updates": queued,
+        "updates_resent": resent,
+        "held_not_included_by_round": held_not_included,
         "stores_holding_updates": holding,
         "audit_chains_verified": verified,
         "audit_chains_broken": broken,
     })
+}
+
+/// What one store's audit log says of its updates' fates.
+#[derive(Debug, Default)]
+struct UpdateFates {
+    /// Rounds whose update a PoP acknowledged and the round settled without.
+    held_not_included: Vec<u64>,
+    /// Updates sent again after core found them missing.
+    resent: usize,
+}
+
+fn update_fates(log: &Path) -> UpdateFates {
+    let mut fates = UpdateFates::default();
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return fates;
+    };
+    let mut held = BTreeSet::new();
+    for line in text.lines() {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let key = (
+            entry["round"].as_u64().unwrap_or(0),
+            entry["update_sha256"].as_str().unwrap_or("").to_owned(),
+        );
+        match entry["event"].as_str() {
+            Some("update_held") => {
+                held.insert(key);
+            }
+            Some("update_resent") => fates.resent += 1,
+            Some("upload_confirmed") if entry["included"] == false && held.contains(&key) => {
+                fates.held_not_included.push(key.0);
+            }
+            _ => {}
+        }
+    }
+    fates
 }
 
 /// The normalisation core measured in its statistics round, from its status.
@@ -934,6 +995,19 @@ fn write_pop_config(
 ) -> Result<PathBuf> {
     let state = layout.state.join(format!("pop-{}", pop.name));
     let policy = std::path::absolute(scenario.data.spec.join("../../../policy/rego"))?;
+    // Every PoP stands behind the front's one address: they share the stateless-reset key.
+    let reset_key = layout.keys.join("anycast-reset.key");
+    if !reset_key.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let bytes: [u8; 32] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&reset_key)?;
+        std::io::Write::write_all(&mut file, hex.as_bytes())?;
+    }
     let text = format!(
         r#"metro = "{metro}"
 listen = "{addr}"
@@ -941,6 +1015,7 @@ core = "{core}"
 identity_dir = "{pki}"
 state_dir = "{state}"
 registry_public_key = "{registry_pub}"
+stateless_reset_key_file = "{reset_key}"
 plan_poll_ms = 200
 ledger_refresh_ms = 1000
 core_unreachable_after_ms = 10000
@@ -964,6 +1039,7 @@ min_epsilon_remaining = 0.0
         log = state.join("decisions.jsonl").display(),
         domain = scenario.topology.trust_domain,
         registry_pub = layout.keys.join("registry.pub").display(),
+        reset_key = reset_key.display(),
     );
     let path = layout.conf.join(format!("pop-{}.toml", pop.name));
     std::fs::write(&path, text)?;
@@ -1423,6 +1499,17 @@ impl Follower {
                 continue;
             };
             if fault.action == "kill" {
+                if fault.after_uploads > 0
+                    && let Some(client) = mesh.pop_clients.get(&fault.pop)
+                {
+                    let window = scenario.rounds.shares_s + scenario.rounds.upload_s;
+                    let limit = Duration::from_secs(window);
+                    let folded = wait_for_folds(client, fault.after_uploads, limit).await;
+                    lines.push(format!(
+                        "PoP {} folded {folded} update(s) before its kill",
+                        fault.pop
+                    ));
+                }
                 let _ = proc.child.start_kill();
                 let _ = proc.child.wait().await;
                 mesh.pops.remove(&fault.pop);
@@ -1557,6 +1644,42 @@ pub(crate) fn spent(ledger: &serde_json::Value) -> BTreeMap<String, f64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Polls a PoP's `/metrics` every 10 ms until it has folded `more` updates beyond those it
+/// had at the first look, or `limit` passes; returns how many it folded meanwhile.
+async fn wait_for_folds(client: &Client, more: u64, limit: Duration) -> u64 {
+    async fn folded(client: &Client) -> Option<u64> {
+        let body = client.get(fedmesh_protocol::wire::METRICS).await.ok()?;
+        let text = String::from_utf8(body.bytes(8 << 20).await.ok()?.to_vec()).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("fedmesh_pop_updates_folded_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    }
+    let until = Instant::now() + limit;
+    let start = folded(client).await.unwrap_or(0);
+    let mut now = start;
+    while Instant::now() < until {
+        now = folded(client).await.unwrap_or(now);
+        if now >= start + more {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    now.saturating_sub(start)
+}
+
+/// Whether a fault bound to a round's phase is due in round `current` or later.
+fn phase_faults_ahead(scenario: &Scenario, current: u64) -> bool {
+    let f = &scenario.faults;
+    f.pops
+        .iter()
+        .map(|x| x.round)
+        .chain(f.core.iter().map(|x| x.round))
+        .chain(f.stores.iter().map(|x| x.round))
+        .chain(f.outages.iter().map(|x| x.round))
+        .any(|round| round >= current)
 }
 
 /// The fault phase a status's open round is in.

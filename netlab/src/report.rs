@@ -303,6 +303,14 @@ pub(crate) fn write(
         .map(|s| json!({"round": s.round, "reason": s.reason}))
         .collect();
     let durations: Vec<f64> = outcome.samples.iter().map(|s| s.duration_s).collect();
+    // Updates a PoP acknowledged that a committed round went without: a PoP lost them.
+    let held_not_included = &outcome.stores_at_end["held_not_included_by_round"];
+    let accepted_lost: u64 = outcome
+        .samples
+        .iter()
+        .filter(|s| s.outcome == "committed")
+        .filter_map(|s| held_not_included[s.round.to_string()].as_u64())
+        .sum();
     let summary = json!({
         "scenario": scenario.name,
         "rounds_completed": status["rounds_completed"],
@@ -322,6 +330,7 @@ pub(crate) fn write(
         "signature_verified": signature_verified,
         "federated_statistics": outcome.statistics,
         "stores_at_end": outcome.stores_at_end,
+        "accepted_updates_lost": accepted_lost,
         "wall_seconds": outcome.wall_seconds,
         "startup_seconds": outcome.startup_seconds,
         "round_wall_seconds_median": median_f(&durations),

@@ -395,6 +395,11 @@ pub struct PopFault {
     /// The phase of that round (`keys`, `shares`, `upload`, `unmask`); `upload` by default.
     #[serde(default = "default_fault_phase")]
     pub phase: String,
+    /// With `kill`: once the phase is reached, wait (up to the rest of the round's upload
+    /// window) until the PoP has folded this many more updates (its `/metrics`), so that
+    /// it dies holding accepted updates it may not have forwarded. 0, the default: at once.
+    #[serde(default)]
+    pub after_uploads: u64,
 }
 
 fn default_fault_phase() -> String {

@@ -394,6 +394,7 @@ fn update_header(round: u64, ring_bits: u32, len: u32, upload_id: &str) -> wire:
         examples: 120,
         loss: 0.25,
         upload_id: upload_id.into(),
+        resent: false,
     }
 }
 
@@ -777,6 +778,69 @@ async fn uploads_after_an_early_forward_go_into_a_further_partial_sum() -> Resul
     assert_eq!(names(&first[0].0), ["1", "2"]);
     assert_eq!(names(&sums[1].0), ["3"]);
     assert_eq!(unpack(&sums[1].1, ring), three);
+    running.kill().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_sent_update_is_taken_past_the_forwarding_time_and_forwarded_alone() -> Result<()> {
+    // Uploads run from now to 3 s from now: PoPs forward 600 ms (a fifth) before the end.
+    let mesh = Mesh::new(&["1", "2", "3"], Duration::from_secs(3)).await?;
+    let upload_ms = now_ms() + 3_000;
+    if let Some(ann) = mesh.core.announcement.lock().unwrap().as_mut() {
+        ann.deadlines.shares_ms = now_ms();
+        ann.deadlines.upload_ms = upload_ms;
+    }
+    let running = mesh.pop().await?;
+    let ring = mesh.ring();
+    let client = mesh.store(&running, "2")?;
+    let values = masked_vector(22, ring);
+
+    // 1. Past the forwarding time a plain upload is late ...
+    let forward_ms = upload_ms - 600;
+    tokio::time::sleep(Duration::from_millis(forward_ms + 100 - now_ms())).await;
+    let plain = update_header(7, ring.bits(), DIMENSION, "up-2");
+    let (status, answer) = put_update(&client, &plain, ring.pack(&values), "1.5.0").await?;
+    assert_eq!(
+        (status, api_reason(&answer).as_str()),
+        (StatusCode::CONFLICT, "round_closed")
+    );
+
+    // 2. ... but the same update sent again, marked, is taken and forwarded on its own.
+    let resent = wire::UpdateHeader {
+        resent: true,
+        ..plain
+    };
+    let (status, _) = put_update(&client, &resent, ring.pack(&values), "1.5.0").await?;
+    assert_eq!(status, StatusCode::OK);
+    let sums = mesh.partial_sums(1).await?;
+    let (header, body) = &sums[0];
+    assert!(header.resent, "{header:?}");
+    let stores: Vec<&str> = header
+        .contributors
+        .iter()
+        .map(|c| c.store.0.as_str())
+        .collect();
+    assert_eq!(stores, ["2"]);
+    assert_eq!(unpack(body, ring), values);
+
+    // 3. Asked again (a lost answer), it is acknowledged, not folded twice.
+    let (status, _) = put_update(&client, &resent, ring.pack(&values), "1.5.0").await?;
+    assert_eq!(status, StatusCode::OK);
+
+    // 4. Past core's upload deadline even a re-send is late.
+    tokio::time::sleep(Duration::from_millis(upload_ms + 100 - now_ms())).await;
+    let other = mesh.store(&running, "3")?;
+    let late = wire::UpdateHeader {
+        upload_id: "up-3".into(),
+        ..resent
+    };
+    let (status, answer) = put_update(&other, &late, ring.pack(&values), "1.5.0").await?;
+    assert_eq!(
+        (status, api_reason(&answer).as_str()),
+        (StatusCode::CONFLICT, "round_closed")
+    );
+    assert_eq!(mesh.core.log.lock().unwrap().partial_sums.len(), 1);
     running.kill().await;
     Ok(())
 }

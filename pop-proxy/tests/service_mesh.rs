@@ -288,6 +288,7 @@ async fn a_secure_round_completes_through_the_pop() -> Result<()> {
             examples: 100,
             loss: 1.0,
             upload_id: format!("u-{}", store.id),
+            resent: false,
         };
         let mut headers = HeaderMap::new();
         headers.insert(

@@ -298,6 +298,11 @@ pub struct UpdateHeader {
     /// Identifies this upload across retries (the store's queue entry id), so a re-send
     /// after a lost acknowledgement is recognised and not counted twice.
     pub upload_id: String,
+    /// Sent again because core's receipt said [`ReceiptStatus::Resend`]: the PoP that first
+    /// held it never got it to core. A PoP takes such an update until the upload deadline,
+    /// past its own forwarding time, and forwards it on its own at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 /// The PoP's answer to an accepted upload.
@@ -343,6 +348,11 @@ pub struct PartialSumHeader {
     pub contributors: Vec<Contribution>,
     /// Updates the PoP refused this round, by reason.
     pub rejected: BTreeMap<String, u64>,
+    /// One store's update sent again on its own ([`UpdateHeader::resent`]): core holds it
+    /// apart and counts it only if no other partial sum brings that store's update before
+    /// uploads close.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 /// Core's acknowledgement of a partial sum: the PoP may forget it.
@@ -350,8 +360,9 @@ pub struct PartialSumHeader {
 pub struct PartialSumAck {
     /// The round.
     pub round: RoundId,
-    /// Contributors core counted (a store already counted through another PoP is not
-    /// counted again, and its whole partial sum is refused; see core's docs).
+    /// Contributors core counted or holds (a store already counted through another PoP is
+    /// not counted again, and its whole partial sum is refused unless it is a re-send; see
+    /// core's docs).
     pub accepted: Vec<StoreId>,
 }
 
@@ -366,6 +377,11 @@ pub enum ReceiptStatus {
     Included,
     /// The round closed (or moved past uploads) without the store's update: drop it.
     NotIncluded,
+    /// Uploads are still open, the PoPs' forwarding time has passed, and no PoP brought
+    /// the store's update: the PoP that acknowledged it is gone or cut off. A store that
+    /// holds an acknowledged update sends it again, marked [`UpdateHeader::resent`],
+    /// through whichever PoP answers; a store that never uploaded ignores this.
+    Resend,
 }
 
 /// Core's answer to [`receipt`].

@@ -95,6 +95,23 @@ pub enum AuditEvent {
         /// Its size in bytes.
         bytes: u64,
     },
+    /// A PoP acknowledged the update: it holds it durably until core settles the round.
+    UpdateHeld {
+        /// The round.
+        round: u64,
+        /// SHA-256 of the update.
+        update_sha256: String,
+        /// The PoP's metro, from its receipt.
+        pop: String,
+    },
+    /// Core found the update missing after the PoPs' forwarding time (the PoP that held
+    /// it is gone) and the store sent it again, marked re-sent.
+    UpdateResent {
+        /// The round.
+        round: u64,
+        /// SHA-256 of the update.
+        update_sha256: String,
+    },
     /// Core confirmed the round's outcome for the update.
     UploadConfirmed {
         /// The round.

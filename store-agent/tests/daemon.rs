@@ -130,6 +130,8 @@ struct PopState {
     uploads: Vec<(StoreId, UpdateHeader, Vec<u8>)>,
     /// Every PUT, re-sends included.
     puts: usize,
+    /// Upload ids of PUTs marked re-sent (core's receipt said no PoP brought them).
+    resent_puts: Vec<String>,
     /// Answer uploads `503` without holding them, as a PoP that lost core would.
     refuse_uploads: bool,
     receipt: BTreeMap<(u64, String), ReceiptStatus>,
@@ -342,6 +344,9 @@ async fn accept_update(state: &Shared, r: Request) -> Response {
     let body = r.into_body().to_bytes(16 << 20).await.unwrap_or_default();
     let mut pop = lock(state);
     pop.puts += 1;
+    if header.resent {
+        pop.resent_puts.push(header.upload_id.clone());
+    }
     if pop.refuse_uploads {
         return Response::new(StatusCode::SERVICE_UNAVAILABLE, SendBody::empty());
     }
@@ -449,6 +454,7 @@ impl Bed {
             quic_addr: "127.0.0.1:0".parse().expect("addr"),
             tcp_addr: Some("127.0.0.1:0".parse().expect("addr")),
             keepalive: Default::default(),
+            stateless_reset_key: None,
         };
         let server = pop_runtime
             .block_on(Server::bind(config, source, fake_pop_router(state.clone())))
@@ -1108,6 +1114,50 @@ fn killed_after_queueing_a_store_resends_once_and_settles_after_the_receipt() {
         .filter(|l| l["event"] == "round_joined")
         .count();
     assert_eq!(joins, 1, "round 1 is joined once across the restart");
+}
+
+#[test]
+fn a_store_sends_its_update_again_when_core_says_no_pop_brought_it() {
+    let _serial = serial();
+    let bed = Bed::new(&["2"]);
+    let config = bed.config("2", "00:00-24:00", "");
+    bed.announce(1, ModelVersion(0), &["2"], TASK);
+
+    // 1. A PoP holds the upload, then (as if it died before forwarding) core misses it.
+    let agent = Agent::start(vec![config]);
+    wait_for(25, "the upload", || bed.pop().uploads.len() == 1);
+    assert!(
+        bed.pop().resent_puts.is_empty(),
+        "the first send is not a re-send"
+    );
+    bed.set_receipt(1, "2", ReceiptStatus::Resend);
+
+    // 2. The same update goes again, marked; once core has it, the entry settles.
+    wait_for(10, "the re-send", || !bed.pop().resent_puts.is_empty());
+    bed.set_receipt(1, "2", ReceiptStatus::Included);
+    wait_for(10, "the queue to settle", || {
+        queued_files(&bed, "2").is_empty()
+    });
+    agent.stop();
+
+    let pop = bed.pop();
+    let first = pop.uploads[0].1.upload_id.clone();
+    assert_eq!(pop.uploads.len(), 1, "one update, one upload id");
+    assert!(pop.resent_puts.iter().all(|id| *id == first));
+    let events: Vec<String> = audit_lines(&bed, "2")
+        .into_iter()
+        .filter_map(|l| l["event"].as_str().map(str::to_owned))
+        .collect();
+    for event in ["update_held", "update_resent", "upload_confirmed"] {
+        assert!(
+            events.iter().any(|e| e == event),
+            "{event} missing: {events:?}"
+        );
+    }
+    assert_eq!(
+        events.iter().filter(|e| *e == "upload_confirmed").count(),
+        1
+    );
 }
 
 #[test]

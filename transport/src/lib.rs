@@ -63,5 +63,5 @@ pub use identity::{
     TrustBundle,
 };
 pub use retry::{KeepAlive, RetryPolicy};
-pub use server::{Request, Response, Router, Server, ServerConfig, ServerError};
+pub use server::{Request, ResetKey, Response, Router, Server, ServerConfig, ServerError};
 pub use spiffe::{SpiffeId, TrustDomain};

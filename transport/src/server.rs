@@ -282,16 +282,91 @@ pub struct ServerConfig {
     pub tcp_addr: Option<SocketAddr>,
     /// Keepalive timing for both protocols.
     pub keepalive: KeepAlive,
+    /// The key QUIC stateless resets are derived from; `None`: a random key of this
+    /// process. See [`ResetKey`].
+    pub stateless_reset_key: Option<ResetKey>,
 }
 
 impl ServerConfig {
-    /// HTTP/3 on UDP `addr` and HTTP/2 on TCP `addr`, default keepalives.
+    /// HTTP/3 on UDP `addr` and HTTP/2 on TCP `addr`, default keepalives, a reset key of
+    /// this process.
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             quic_addr: addr,
             tcp_addr: Some(addr),
             keepalive: KeepAlive::default(),
+            stateless_reset_key: None,
         }
+    }
+}
+
+/// The secret QUIC stateless-reset tokens are computed from (RFC 9000, section 10.3: a
+/// token is an HMAC of the connection ID under this key).
+///
+/// Servers behind one anycast address share it. When one of them dies, the client's next
+/// packets reach another, which knows no such connection and answers with a stateless
+/// reset that the client accepts, because the token matches the one the dead server
+/// issued: the client reconnects at once instead of waiting out its idle timeout. The
+/// servers' connection-ID generators share a key derived from it too, since a server
+/// ignores packets for connection IDs it could not have issued. Anyone holding the key can
+/// reset those servers' connections, so keep it as secret as a TLS key.
+#[derive(Clone)]
+pub struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    /// A key from its 32 bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Parses 64 hexadecimal digits (surrounding whitespace ignored), as
+    /// `openssl rand -hex 32` writes them.
+    ///
+    /// # Errors
+    /// A message saying what is wrong with the text (never the text itself).
+    pub fn from_hex(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(format!(
+                "expected 64 hex digits, found {} characters",
+                text.len()
+            ));
+        }
+        let mut bytes = [0u8; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                .map_err(|_| "not hexadecimal".to_owned())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl ResetKey {
+    /// Sets both secrets an anycast peer needs to reset this server's connections: the
+    /// reset-token key, and the key of the connection-ID generator (a peer drops packets
+    /// whose connection IDs it did not generate before it considers a reset). The latter
+    /// is derived from the former, labelled, so neither reveals the other.
+    fn configure(&self, endpoint: &mut quinn::EndpointConfig) {
+        let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let tag = ring::hmac::sign(&hmac, b"fedmesh connection-id generator");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&tag.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let reset = ring::hmac::sign(&hmac, b"fedmesh stateless reset");
+        endpoint
+            .reset_key(Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                reset.as_ref(),
+            )))
+            .cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+    }
+}
+
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
     }
 }
 
@@ -325,12 +400,22 @@ impl Server {
             .map_err(|e| ServerError::Tls(rustls::Error::General(e.to_string())))?;
         let mut quic = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         quic.transport_config(Arc::new(transport_config(config.keepalive)?));
-        let endpoint = quinn::Endpoint::server(quic, config.quic_addr).map_err(|source| {
-            ServerError::Bind {
-                addr: config.quic_addr,
-                source,
-            }
-        })?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        if let Some(key) = &config.stateless_reset_key {
+            key.configure(&mut endpoint_config);
+        }
+        let bind_error = |source| ServerError::Bind {
+            addr: config.quic_addr,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.quic_addr).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(quic),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
         let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: config.quic_addr,
             source,

@@ -61,6 +61,7 @@ async fn client_returns_to_http3_once_quic_is_reachable_again() -> Result<()> {
         quic_addr: udp_addr,
         tcp_addr: None,
         keepalive: common::fast_keepalive(),
+        stateless_reset_key: None,
     };
     let _quic_server = Server::bind(quic_config, core, router(None)).await?;
 

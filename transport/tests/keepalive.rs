@@ -9,62 +9,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use common::{Lab, router, start_server};
+use common::{Lab, UdpRelay, router, start_server};
 use fedmesh_transport::{Client, KeepAlive, Protocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 
 const KEEPALIVE: KeepAlive = KeepAlive {
     interval: Duration::from_millis(200),
     timeout: Duration::from_secs(1),
 };
-
-/// Forwards UDP between one client and the server; once cut, drops everything both ways,
-/// like a store whose WAN link died.
-struct Relay {
-    addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(server: SocketAddr) -> Result<Self> {
-        let front = UdpSocket::bind("127.0.0.1:0").await?;
-        let back = UdpSocket::bind("127.0.0.1:0").await?;
-        back.connect(server).await?;
-        let addr = front.local_addr()?;
-        let cut = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn({
-            let cut = Arc::clone(&cut);
-            async move {
-                let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
-                let mut client = None;
-                loop {
-                    tokio::select! {
-                        Ok((n, from)) = front.recv_from(&mut up) => {
-                            client = Some(from);
-                            if !cut.load(Ordering::Relaxed) {
-                                let _ = back.send(&up[..n]).await;
-                            }
-                        }
-                        Ok(n) = back.recv(&mut down) => {
-                            if let (Some(to), false) = (client, cut.load(Ordering::Relaxed)) {
-                                let _ = front.send_to(&down[..n], to).await;
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Self { addr, cut, task })
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 #[tokio::test]
 async fn idle_connection_outlives_the_idle_timeout() -> Result<()> {
@@ -92,7 +45,7 @@ async fn idle_connection_outlives_the_idle_timeout() -> Result<()> {
 async fn vanished_peer_is_detected_within_the_keepalive_timeout() -> Result<()> {
     let lab = Lab::new("fl.example")?;
     let server = start_server(lab.source("core", "/core")?, router(None)).await?;
-    let relay = Relay::start(server.quic_addr()).await?;
+    let relay = UdpRelay::start(server.quic_addr()).await?;
     let mut config = common::client_config(&server);
     config.quic_addr = relay.addr;
     config.keepalive = KEEPALIVE;
@@ -100,7 +53,7 @@ async fn vanished_peer_is_detected_within_the_keepalive_timeout() -> Result<()> 
     assert_eq!(client.get("/whoami").await?.protocol(), Protocol::Http3);
 
     // Cut the link: no close frame reaches either side.
-    relay.cut.store(true, Ordering::Relaxed);
+    relay.cut();
     let cut_at = Instant::now();
     while client.protocol().await.is_some() && cut_at.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(50)).await;

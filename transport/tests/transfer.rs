@@ -28,6 +28,7 @@ async fn restart_on(
             quic_addr: quic,
             tcp_addr: Some(tcp),
             keepalive: common::fast_keepalive(),
+            stateless_reset_key: None,
         };
         match Server::bind(config, source.clone(), router(Some(store))).await {
             Ok(server) => return Ok(server),

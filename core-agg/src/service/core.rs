@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
 use fedmesh_protocol::moments::StatisticsTask;
 use fedmesh_protocol::secagg::{
-    CoreError, CoreSession, Deadlines, FoldError, Outgoing, PackedVector, PartialSum, SecAggPlan,
-    ToStore,
+    CoreError, CoreSession, Deadlines, FoldError, MaskedUpdate, Outgoing, PackedVector, PartialSum,
+    SecAggPlan, ToStore,
 };
 use fedmesh_protocol::wire::{
     self, ApiError, CoreMessage, EvaluationTask, LedgerSnapshot, ModelPointer, PartialSumAck,
@@ -300,6 +300,23 @@ impl Core {
                     live.session.handle_unmask_response(at(at_ms), message)
                 }
                 Entry::Timeout { at_ms } => Ok(live.session.handle_timeout(at(at_ms))),
+                Entry::Resent {
+                    at_ms,
+                    update,
+                    contribution,
+                    bytes,
+                } => {
+                    let result = live.session.handle_resent_update(at(at_ms), update);
+                    if let (Ok(_), Some(open)) = (&result, self.state.current.as_mut())
+                        && !open.contributions.contains_key(&contribution.store)
+                    {
+                        open.bytes_in += bytes;
+                        report(open, Timestamp(at_ms / 1000), &contribution);
+                        open.contributions
+                            .insert(contribution.store.clone(), contribution);
+                    }
+                    result
+                }
                 Entry::PartialSum {
                     at_ms,
                     partial,
@@ -525,6 +542,9 @@ impl Core {
                 accepted: contributors,
             });
         }
+        if header.resent {
+            return self.resent_update(now_ms, round, header, body);
+        }
         let Some(live) = self.live.as_mut() else {
             return Err(self.refuse(StatusCode::CONFLICT, "wrong-phase", "no cohort yet"));
         };
@@ -571,8 +591,80 @@ impl Core {
         })
     }
 
-    /// `GET /v1/rounds/{round}/receipt` for `store`.
-    pub fn receipt(&self, round: RoundId, store: &StoreId) -> RoundReceipt {
+    /// One store's update sent again on its own, after the PoP that first held it failed to
+    /// forward it: held apart by the session (see [`CoreSession::handle_resent_update`])
+    /// and credited to the store now, since it will be in the sum either way.
+    fn resent_update(
+        &mut self,
+        now_ms: u64,
+        round: RoundId,
+        mut header: PartialSumHeader,
+        body: Vec<u8>,
+    ) -> Result<PartialSumAck, Refusal> {
+        if header.contributors.len() != 1 {
+            return Err(self.refuse(
+                StatusCode::BAD_REQUEST,
+                "bad-resend",
+                "a re-sent update names exactly one contributor",
+            ));
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Err(self.refuse(StatusCode::CONFLICT, "wrong-phase", "no cohort yet"));
+        };
+        let contribution = header.contributors.remove(0);
+        let update = MaskedUpdate {
+            round,
+            store: contribution.store.clone(),
+            vector: PackedVector {
+                ring_bits: header.ring_bits,
+                len: header.len,
+                bytes: body,
+            },
+        };
+        let bytes = update.vector.bytes.len() as u64;
+        let now = live.instant(now_ms);
+        match live.session.handle_resent_update(now, update.clone()) {
+            Ok(outgoing) => live.route(outgoing),
+            Err(e) => return Err(self.core_error(&e)),
+        }
+
+        let store = contribution.store.clone();
+        let entry = Entry::Resent {
+            at_ms: now_ms,
+            update,
+            contribution: contribution.clone(),
+            bytes,
+        };
+        self.journal.append(&entry).map_err(|e| internal(&e))?;
+        self.metrics.bytes_in.inc_by(bytes);
+        if let Some(open) = self.state.current.as_mut() {
+            open.bytes_in += bytes;
+            report(open, Timestamp(now_ms / 1000), &contribution);
+            open.contributions.insert(store.clone(), contribution);
+        }
+        tracing::info!(round.id = %round, pop = %header.pop, store.id = %store,
+            "re-sent update held");
+        self.step(now_ms).map_err(|e| internal(&e))?;
+        Ok(PartialSumAck {
+            round,
+            accepted: vec![store],
+        })
+    }
+
+    /// Whether a store whose update no PoP has brought should send it again: uploads are
+    /// open and every live PoP should have forwarded by now (a quarter of the margin after
+    /// the plan's forwarding time, for the sums on their way).
+    fn resend_due(&self, now_ms: u64) -> bool {
+        let Some(d) = self.state.current.as_ref().and_then(|o| o.deadlines) else {
+            return false;
+        };
+        let forward = d.pop_forward_ms();
+        let grace = d.upload_ms.saturating_sub(forward) / 4;
+        now_ms >= forward + grace && now_ms < d.upload_ms
+    }
+
+    /// `GET /v1/rounds/{round}/receipt` for `store`, at `now_ms`.
+    pub fn receipt(&self, now_ms: u64, round: RoundId, store: &StoreId) -> RoundReceipt {
         let status = match &self.state.current {
             Some(open) if open.round.id() == round => {
                 let uploads_over = self.live.as_ref().is_none_or(|l| {
@@ -582,6 +674,8 @@ impl Core {
                     ReceiptStatus::Included
                 } else if uploads_over && open.plan.is_some() {
                     ReceiptStatus::NotIncluded
+                } else if self.resend_due(now_ms) {
+                    ReceiptStatus::Resend
                 } else {
                     ReceiptStatus::Open
                 }

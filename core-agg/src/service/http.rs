@@ -320,7 +320,7 @@ async fn receipt(d: Arc<Driver>, request: Request) -> Response {
         Ok(found) => found,
         Err(refusal) => return d.refuse(refusal).await,
     };
-    d.run(move |core, _| Response::json(StatusCode::OK, &core.receipt(round, &store)))
+    d.run(move |core, now| Response::json(StatusCode::OK, &core.receipt(now, round, &store)))
         .await
 }
 

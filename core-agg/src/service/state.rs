@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use fedmesh_protocol::ids::{ModelVersion, Region, RoundId, StoreId};
 use fedmesh_protocol::moments::{CohortStatistics, StatisticsTask};
 use fedmesh_protocol::secagg::{
-    EncryptedShares, KeyAdvert, PartialSum, PlanConfig, UnmaskResponse,
+    EncryptedShares, KeyAdvert, MaskedUpdate, PartialSum, PlanConfig, UnmaskResponse,
 };
 use fedmesh_protocol::wire::{Contribution, PhaseDeadlines};
 use serde::{Deserialize, Serialize};
@@ -233,6 +233,17 @@ pub enum Entry {
         partial: PartialSum,
         /// What the PoP declared about each contributor.
         contributions: Vec<Contribution>,
+        /// Body bytes.
+        bytes: u64,
+    },
+    /// One store's update sent again on its own, held apart by the session.
+    Resent {
+        /// Unix ms.
+        at_ms: u64,
+        /// The update.
+        update: MaskedUpdate,
+        /// What the PoP declared about the store.
+        contribution: Contribution,
         /// Body bytes.
         bytes: u64,
     },

@@ -71,6 +71,7 @@ pub async fn fake_pop(
             interval: Duration::from_millis(300),
             timeout: Duration::from_secs(1),
         },
+        stateless_reset_key: None,
     };
     Ok(Server::bind(config, source, router).await?)
 }

@@ -62,6 +62,13 @@ pub struct Config {
     /// The registry's public key (`registry.pub` from `core-agg registry keygen`): the
     /// model cache serves only manifests it signed.
     pub registry_public_key: PathBuf,
+    /// A file holding the QUIC stateless-reset key shared by every PoP behind the same
+    /// anycast address (64 hex digits, `openssl rand -hex 32`; keep it mode 0600). With it,
+    /// when one PoP dies, the PoP that receives its stores' packets resets their
+    /// connections at once, instead of leaving them to their 15 s idle timeout. Absent: a
+    /// key of this process, and stores of a dead PoP wait out the timeout.
+    #[serde(default)]
+    pub stateless_reset_key_file: Option<PathBuf>,
     /// Uploads decoded at once; further uploads wait for a slot.
     #[serde(default = "default_max_uploads")]
     pub max_uploads_in_flight: usize,
@@ -252,6 +259,11 @@ impl Config {
             if path.is_relative() {
                 *path = base.join(&*path);
             }
+        }
+        if let Some(path) = self.stateless_reset_key_file.as_mut()
+            && path.is_relative()
+        {
+            *path = base.join(&*path);
         }
     }
 

@@ -37,8 +37,8 @@ use bytes::Bytes;
 use fedmesh_protocol::ids::StoreId;
 use fedmesh_protocol::wire::{self, LedgerSnapshot, PartialSumAck, Readiness};
 use fedmesh_transport::{
-    Client, ClientConfig, FileSvidSource, PeerPolicy, SendBody, Server, ServerConfig, SpiffeId,
-    SvidPaths, SvidSource,
+    Client, ClientConfig, FileSvidSource, PeerPolicy, ResetKey, SendBody, Server, ServerConfig,
+    SpiffeId, SvidPaths, SvidSource,
 };
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use rand::Rng;
@@ -82,6 +82,27 @@ pub enum ServeError {
     /// The registry's public key could not be read.
     #[error("registry_public_key: {0}")]
     RegistryKey(String),
+    /// The anycast stateless-reset key could not be read.
+    #[error("stateless_reset_key_file {path}: {message}")]
+    ResetKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong (never the key).
+        message: String,
+    },
+}
+
+/// Reads the anycast group's stateless-reset key, if the config names one.
+fn reset_key(config: &Config) -> Result<Option<ResetKey>, ServeError> {
+    let Some(path) = &config.stateless_reset_key_file else {
+        return Ok(None);
+    };
+    let error = |message: String| ServeError::ResetKey {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
+    ResetKey::from_hex(&text).map(Some).map_err(error)
 }
 
 /// The PoP's shared state, seen by every handler and task.
@@ -307,6 +328,7 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
     let registry_key =
         fedmesh_core_agg::registry::keys::read_verifying_key(&config.registry_public_key)
             .map_err(|e| ServeError::RegistryKey(e.to_string()))?;
+    let stateless_reset_key = reset_key(&config)?;
     let policy = Arc::new(PolicyGate::open(&config.policy)?);
     let rounds = Rounds::recover(&config.state_dir, &config.metro)?;
 
@@ -338,7 +360,11 @@ pub async fn start(config: Config) -> Result<Running, ServeError> {
 
     // 3. Listeners.
     let router = routes::router(&pop);
-    let server = Server::bind(ServerConfig::new(pop.config.listen), source, router)
+    let server_config = ServerConfig {
+        stateless_reset_key,
+        ..ServerConfig::new(pop.config.listen)
+    };
+    let server = Server::bind(server_config, source, router)
         .await
         .map_err(|e| ServeError::Listen(e.to_string()))?;
     let mut tasks = vec![

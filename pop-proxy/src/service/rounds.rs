@@ -17,6 +17,11 @@
 //! before the upload deadline, so that the sum reaches core in time). Uploads after an
 //! early close open a further part. After a restart every part still holding a sum is
 //! forwarded as it stands: its stores were acknowledged and will not upload again.
+//!
+//! An update a store sends again because another PoP took it and never got it to core
+//! ([`wire::UpdateHeader::resent`]) gets a part of its own, marked by a `resent` file: it
+//! is taken until the upload deadline, past the forwarding time, and forwarded alone as
+//! soon as it is durable, so that core can hold it apart from the other PoP's sum.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -99,6 +104,10 @@ struct OpenPart {
 #[derive(Debug)]
 struct RoundState {
     spec: RoundSpec,
+    /// Core's upload deadline: re-sent updates are taken until then.
+    upload_deadline: Instant,
+    /// Parts of one re-sent update each, while the update streams in.
+    resending: BTreeMap<StoreId, OpenPart>,
     advertised: BTreeSet<StoreId>,
     // Upload id of every store in any part of the round, closed parts included.
     seen: BTreeMap<StoreId, String>,
@@ -153,6 +162,7 @@ impl Rounds {
 
     fn recover_part(&mut self, round: RoundId, part: u32, dir: &Path) -> Result<(), StateError> {
         let contributed = read_contributions(dir)?;
+        let resent = dir.join(RESENT_MARKER).exists();
         let (seen, next) = self.recovered.entry(round).or_default();
         *next = (*next).max(part + 1);
         if dir.join("acked").exists() {
@@ -196,6 +206,7 @@ impl Rounds {
                 len: saved.values.len() as u32,
                 contributors,
                 rejected: BTreeMap::new(),
+                resent,
             },
             body: saved.ring.pack(&saved.values).into(),
             attempts: 0,
@@ -243,6 +254,8 @@ impl Rounds {
             round,
             RoundState {
                 spec,
+                upload_deadline: instant_of_unix_ms(announcement.deadlines.upload_ms),
+                resending: BTreeMap::new(),
                 advertised: BTreeSet::new(),
                 seen,
                 next_part,
@@ -352,6 +365,10 @@ impl Rounds {
             };
         }
 
+        if header.resent {
+            return begin_resent(&self.root, state, store, header, decision, now);
+        }
+
         // Uploads after an early forward open a further part, until the deadline.
         if state.open.is_none() {
             if now >= state.spec.deadline {
@@ -388,6 +405,9 @@ impl Rounds {
         let Some(state) = self.rounds.get_mut(&round) else {
             return Err(Rejection::RoundClosed(round).into());
         };
+        if let Some(part) = state.resending.remove(fold.store()) {
+            return self.commit_resent(round, part, fold, contribution, upload_id);
+        }
         let Some(part) = state.open.as_mut() else {
             return Err(Rejection::RoundClosed(round).into());
         };
@@ -397,23 +417,11 @@ impl Rounds {
             return Err(Rejection::Duplicate(store).into());
         }
 
-        // 1. Into the sum (memory).
-        part.acc.commit(fold)?;
-
-        // 2. The report first, then the sum: a report without its store in the sum is
-        //    harmless, a store in the sum without its report is not.
-        part.contributed.insert(
-            store.clone(),
-            Contributed {
-                contribution,
-                upload_id: upload_id.to_owned(),
-            },
-        );
-        write_contributions(part.dir_path(&self.root, round), &part.contributed)?;
-        part.acc.checkpoint(&part.dir)?;
+        // 1. Into the sum, durably with the store's report.
+        part.hold(&self.root, round, fold, contribution, upload_id)?;
         state.seen.insert(store, upload_id.to_owned());
 
-        // 3. Early forward once everyone who advertised here is in.
+        // 2. Early forward once everyone who advertised here is in.
         let everyone = !state.advertised.is_empty()
             && state.advertised.iter().all(|s| state.seen.contains_key(s));
         if everyone {
@@ -423,9 +431,47 @@ impl Rounds {
         Ok(())
     }
 
+    /// Makes a re-sent update durable in its own part and queues that part for core.
+    fn commit_resent(
+        &mut self,
+        round: RoundId,
+        mut part: OpenPart,
+        fold: UpdateFold,
+        contribution: Contribution,
+        upload_id: &str,
+    ) -> Result<(), RoundError> {
+        let dir = part.dir_path(&self.root, round);
+        let store = contribution.store.clone();
+        if let Err(e) = part.hold(&self.root, round, fold, contribution, upload_id) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let Some(state) = self.rounds.get_mut(&round) else {
+            return Err(Rejection::RoundClosed(round).into());
+        };
+        state.seen.insert(store.clone(), upload_id.to_owned());
+        let rejected = state.rejected.clone();
+        let Some(sum) = part.acc.poll_close(Instant::now()) else {
+            return Err(Rejection::RoundClosed(round).into());
+        };
+        tracing::info!(round.id = round.0, part = part.index, store.id = %store,
+            "re-sent update ready for core");
+        self.push_pending(round, part, sum, rejected, true);
+        Ok(())
+    }
+
     /// Drops a failed upload's fold.
     pub fn abort(&mut self, round: RoundId, fold: UpdateFold, rejection: Rejection) {
-        if let Some(part) = self.rounds.get_mut(&round).and_then(|s| s.open.as_mut()) {
+        let Some(state) = self.rounds.get_mut(&round) else {
+            return;
+        };
+        if let Some(mut part) = state.resending.remove(fold.store()) {
+            let dir = part.dir_path(&self.root, round);
+            part.acc.abort(fold, rejection);
+            let _ = fs::remove_dir_all(dir);
+            return;
+        }
+        if let Some(part) = state.open.as_mut() {
             part.acc.abort(fold, rejection);
         }
     }
@@ -459,6 +505,18 @@ impl Rounds {
             let _ = fs::remove_dir_all(&dir);
             return;
         }
+        let rejected = state.rejected.clone();
+        self.push_pending(round, part, sum, rejected, false);
+    }
+
+    fn push_pending(
+        &mut self,
+        round: RoundId,
+        mut part: OpenPart,
+        sum: fold::PartialSum,
+        rejected: BTreeMap<String, u64>,
+        resent: bool,
+    ) {
         let contributors: Vec<Contribution> = sum
             .contributors
             .iter()
@@ -480,7 +538,8 @@ impl Rounds {
                 ring_bits: sum.ring.bits(),
                 len: sum.values.len() as u32,
                 contributors,
-                rejected: state.rejected.clone(),
+                rejected,
+                resent,
             },
             body: sum.ring.pack(&sum.values).into(),
             attempts: 0,
@@ -537,16 +596,88 @@ impl Rounds {
         // that advertised its keys here has yet to upload.
         let waiting = |s: &RoundState| s.advertised.iter().any(|store| !s.seen.contains_key(store));
         !self.pending.is_empty()
-            || self
-                .rounds
-                .values()
-                .any(|s| s.open.is_some() || (now < s.spec.deadline && waiting(s)))
+            || self.rounds.values().any(|s| {
+                s.open.is_some() || !s.resending.is_empty() || (now < s.spec.deadline && waiting(s))
+            })
     }
 }
 
 impl OpenPart {
     fn dir_path(&self, root: &Path, round: RoundId) -> PathBuf {
         root.join("parts").join(part_name(round, self.index))
+    }
+
+    /// Adds a received update to the sum and makes both durable: the report first, then
+    /// the sum, since a report without its store in the sum is harmless and a store in the
+    /// sum without its report is not.
+    fn hold(
+        &mut self,
+        root: &Path,
+        round: RoundId,
+        fold: UpdateFold,
+        contribution: Contribution,
+        upload_id: &str,
+    ) -> Result<(), RoundError> {
+        self.acc.commit(fold)?;
+        self.contributed.insert(
+            contribution.store.clone(),
+            Contributed {
+                contribution,
+                upload_id: upload_id.to_owned(),
+            },
+        );
+        write_contributions(self.dir_path(root, round), &self.contributed)?;
+        self.acc.checkpoint(&self.dir)?;
+        Ok(())
+    }
+}
+
+/// Starts the fold of a re-sent update in a part of its own, which expects only `store`
+/// and takes it until core's upload deadline.
+fn begin_resent(
+    root: &Path,
+    state: &mut RoundState,
+    store: &StoreId,
+    header: &wire::UpdateHeader,
+    decision: &Decision,
+    now: Instant,
+) -> Result<Admission, Rejection> {
+    let round = header.round;
+    if now >= state.upload_deadline {
+        return Err(Rejection::RoundClosed(round));
+    }
+    if !state.spec.expected.contains(store) {
+        return Err(Rejection::NotInCohort(store.clone()));
+    }
+    if state.resending.contains_key(store) {
+        return Err(Rejection::Duplicate(store.clone()));
+    }
+    let spec = RoundSpec {
+        expected: BTreeSet::from([store.clone()]),
+        deadline: state.upload_deadline,
+        ..state.spec.clone()
+    };
+    let mut part = open_part(root, state)?;
+    part.acc = RoundAccumulator::open(spec);
+    let marker = part.dir_path(root, round).join(RESENT_MARKER);
+    write_atomic(&marker, b"").map_err(|e| Rejection::Interrupted(e.to_string()))?;
+    let fold_header = fold::UpdateHeader {
+        store: store.clone(),
+        round,
+        model_version: header.model_version,
+        ring_bits: header.ring_bits,
+        len: header.len as usize,
+    };
+    let fold = part.acc.begin(store, &fold_header, decision);
+    match fold {
+        Ok(fold) => {
+            state.resending.insert(store.clone(), part);
+            Ok(Admission::Fold(Box::new(fold)))
+        }
+        Err(rejection) => {
+            let _ = fs::remove_dir_all(part.dir_path(root, round));
+            Err(rejection)
+        }
     }
 }
 
@@ -562,6 +693,9 @@ fn open_part(root: &Path, state: &mut RoundState) -> Result<OpenPart, Rejection>
         contributed: BTreeMap::new(),
     })
 }
+
+/// The file that marks a part holding one re-sent update.
+const RESENT_MARKER: &str = "resent";
 
 fn part_name(round: RoundId, part: u32) -> String {
     format!("r{}-p{part}", round.0)

@@ -9,7 +9,8 @@
 //!
 //! 1. collecting keys ([`KeyAdvert`]) -> sends [`NeighbourKeys`];
 //! 2. collecting shares ([`EncryptedShares`]) -> sends [`SharesForStore`];
-//! 3. collecting partial sums ([`PartialSum`]) -> sends [`UnmaskRequest`]s;
+//! 3. collecting partial sums ([`PartialSum`]), and updates re-sent on their own
+//!    ([`CoreSession::handle_resent_update`]) -> sends [`UnmaskRequest`]s;
 //! 4. unmasking ([`UnmaskResponse`]) -> the round's [`RoundOutcome`].
 //!
 //! Plain mode starts at phase 3 and ends when the uploads are in. The round fails, with a
@@ -25,8 +26,8 @@ use zeroize::Zeroizing;
 
 use super::keys::{self, Purpose};
 use super::messages::{
-    EncryptedShare, EncryptedShares, KeyAdvert, NeighbourKeys, PartialSum, RevealedShare,
-    SharesForStore, UnmaskRequest, UnmaskResponse,
+    EncryptedShare, EncryptedShares, KeyAdvert, MaskedUpdate, NeighbourKeys, PackedVector,
+    PartialSum, RevealedShare, SharesForStore, UnmaskRequest, UnmaskResponse,
 };
 use super::noise::GuaranteedNoise;
 use super::plan::{Masking, SecAggPlan};
@@ -177,6 +178,11 @@ pub struct CoreSession {
     shared: BTreeMap<usize, Vec<EncryptedShare>>,
     /// U3 and the sum of their masked updates.
     sum: RingSum,
+    /// Masked updates re-sent on their own, by cohort position, held apart until uploads
+    /// close: the PoP that first took one may still forward a sum carrying it, and a sum
+    /// cannot give one store's vector back. Only those still missing from `sum` then are
+    /// folded.
+    resent: BTreeMap<usize, PackedVector>,
     /// Stores asked in phase 4, and what each was asked for.
     requests: BTreeMap<usize, UnmaskRequest>,
     answered: BTreeSet<usize>,
@@ -202,6 +208,7 @@ impl CoreSession {
         };
         Self {
             sum: RingSum::new(&plan),
+            resent: BTreeMap::new(),
             plan,
             deadlines,
             phase,
@@ -339,8 +346,81 @@ impl CoreSession {
             &partial.contributors,
             &partial.vector,
         )?;
-        let complete = self.sum.contributors().len() == self.shared.len();
-        Ok(self.advance_if_complete(complete))
+        Ok(self.advance_if_complete(self.uploads_complete()))
+    }
+
+    /// Phase 3: takes one store's masked update sent again on its own, after the PoP that
+    /// first accepted it failed to forward it (the PoP died, or its sum is late). The update
+    /// is held apart until uploads close and folded then only if no partial sum brought
+    /// the same store's update meanwhile, so a store is never counted twice and a PoP's
+    /// late sum is never refused for it. Memory: one vector per re-sent update.
+    ///
+    /// A store already counted, or already held, is answered with no change: the re-send
+    /// is settled either way.
+    ///
+    /// # Errors
+    ///
+    /// [`CoreError`] for another round, a late update, a store that did not share its keys,
+    /// or a vector that does not fit the plan; nothing is held then.
+    pub fn handle_resent_update(
+        &mut self,
+        now: Instant,
+        update: MaskedUpdate,
+    ) -> Result<Vec<Outgoing>, CoreError> {
+        self.expect(
+            now,
+            update.round,
+            CorePhase::CollectingUploads,
+            "re-sent update",
+        )?;
+        let p = self
+            .plan
+            .position(&update.store)
+            .filter(|p| self.shared.contains_key(p))
+            .ok_or_else(|| CoreError::NotExpectedFrom(update.store.clone()))?;
+        update
+            .vector
+            .unpack(self.plan.ring_bits(), self.plan.vector_len())
+            .map_err(FoldError::from)?;
+
+        if self.sum.contributors().contains(&update.store) || self.resent.contains_key(&p) {
+            return Ok(Vec::new());
+        }
+        self.resent.insert(p, update.vector);
+        Ok(self.advance_if_complete(self.uploads_complete()))
+    }
+
+    /// Whether the update of `store` is in the sum or held as a re-send.
+    pub fn holds_update_of(&self, store: &StoreId) -> bool {
+        self.sum.contributors().contains(store)
+            || self
+                .plan
+                .position(store)
+                .is_some_and(|p| self.resent.contains_key(&p))
+    }
+
+    /// Every store that shared its keys has its update in the sum or held as a re-send.
+    fn uploads_complete(&self) -> bool {
+        let held = self
+            .resent
+            .keys()
+            .filter(|&&p| !self.sum.contributors().contains(&self.plan.cohort()[p]))
+            .count();
+        self.sum.contributors().len() + held == self.shared.len()
+    }
+
+    /// Folds the re-sent updates of stores no partial sum brought, as uploads close.
+    fn fold_resent(&mut self) {
+        let round = self.plan.round();
+        for (p, vector) in std::mem::take(&mut self.resent) {
+            let store = self.plan.cohort()[p].clone();
+            if self.sum.contributors().contains(&store) {
+                continue;
+            }
+            // Checked when it arrived and the store is not in the sum: this cannot fail.
+            let folded = self.sum.fold(&self.plan, round, &[store], &vector);
+            debug_assert!(folded.is_ok(), "a held re-send no longer folds: {folded:?}");
+        }
     }
 
     /// Phase 4: records the shares a surviving store released.
@@ -418,6 +498,9 @@ impl CoreSession {
 
     /// Ends the current phase: checks the survivors and emits the next phase's messages.
     fn advance(&mut self) -> Vec<Outgoing> {
+        if self.phase == CorePhase::CollectingUploads {
+            self.fold_resent();
+        }
         let needed = self.plan.min_survivors();
         let left = match self.phase {
             CorePhase::CollectingKeys => self.adverts.len(),

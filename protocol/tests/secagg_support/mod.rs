@@ -26,6 +26,11 @@ pub struct Dropouts {
     pub before_upload: BTreeSet<StoreId>,
     /// Upload, then never answer the unmask request.
     pub before_unmask: BTreeSet<StoreId>,
+    /// A PoP (by index) whose stores re-send their masked updates to core one by one, as
+    /// stores do when the PoP that accepted them fails to forward them.
+    pub resent_from_pop: Option<usize>,
+    /// Whether that PoP's own sum still reaches core, after the re-sends.
+    pub late_sum_arrives: bool,
 }
 
 /// What a round produced, and what the PoPs saw.
@@ -151,6 +156,21 @@ pub fn run_round(
         uploaded.insert(id.clone());
     }
     let mut next = Vec::new();
+    if let Some(failed) = drops.resent_from_pop {
+        // The failed PoP's stores re-send first; its own sum comes late, if at all, but
+        // while uploads are still open (the other PoPs' sums are not in yet).
+        for (id, masked) in &seen_by_pops {
+            if plan.position(id).unwrap() % pops == failed {
+                next.extend(core.handle_resent_update(now, masked.clone()).unwrap());
+            }
+        }
+        let late = std::mem::replace(&mut builders[failed], PartialSumBuilder::new(plan.clone()));
+        if drops.late_sum_arrives
+            && let Some(partial) = late.finish().unwrap()
+        {
+            next.extend(core.handle_partial_sum(now, partial).unwrap());
+        }
+    }
     for b in builders {
         if let Some(partial) = b.finish().unwrap()
             && core.outcome().is_none()

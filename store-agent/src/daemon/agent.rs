@@ -226,7 +226,10 @@ impl StoreAgent {
                 matches!(entry.state, EntryState::Queued) && !self.refused.contains(&entry.id);
             let due = unsent || self.resend.contains(&entry.id);
             if due {
-                match self.send_entry(&entry).await {
+                // An update a PoP acknowledged before this process started may sit in that
+                // PoP's sum: sent again, it must be marked so that core holds it apart.
+                let resent = matches!(entry.state, EntryState::Sent { .. });
+                match self.send_entry(&entry, resent).await {
                     Ok(()) => {}
                     Err(err) if err.is_transient() => {
                         unreachable = Some(err);
@@ -251,8 +254,13 @@ impl StoreAgent {
         }
     }
 
-    /// Sends one queued update; on the PoP's receipt, records it as sent.
-    pub(super) async fn send_entry(&mut self, entry: &QueuedUpdate) -> Result<(), PopError> {
+    /// Sends one queued update, `resent` when a PoP may already hold it; on the PoP's
+    /// receipt, records it as sent.
+    pub(super) async fn send_entry(
+        &mut self,
+        entry: &QueuedUpdate,
+        resent: bool,
+    ) -> Result<(), PopError> {
         let payload = self
             .queue
             .payload(&entry.id)
@@ -266,6 +274,7 @@ impl StoreAgent {
                 reason,
             })?;
         header.upload_id = entry.id.clone();
+        header.resent = resent;
         let path = wire::update(header.round);
         let receipt: UploadReceipt = match self.pop.put_update(&path, &header, body.into()).await {
             Ok(receipt) => receipt,
@@ -287,6 +296,11 @@ impl StoreAgent {
             tracing::error!(store.id = %self.store, error = %err, "cannot record a sent update");
         }
         self.resend.remove(&entry.id);
+        self.record(AuditEvent::UpdateHeld {
+            round: header.round.0,
+            update_sha256: entry.sha256.clone(),
+            pop: receipt.pop.clone(),
+        });
         tracing::debug!(store.id = %self.store, round.id = header.round.0, pop = %receipt.pop,
             "update held by the pop");
         Ok(())
@@ -319,11 +333,35 @@ impl StoreAgent {
         }
         let included = match receipt.status {
             ReceiptStatus::Open => return Ok(()),
+            ReceiptStatus::Resend => return self.resend_entry(entry).await,
             ReceiptStatus::Included => true,
             ReceiptStatus::NotIncluded => false,
         };
         self.settle(entry, included);
         Ok(())
+    }
+
+    /// Core says no PoP brought this update although the PoPs should have forwarded by now:
+    /// the PoP that took it is gone. Sends it again, marked re-sent, through whichever PoP
+    /// answers now; core's next receipt settles it.
+    pub(super) async fn resend_entry(&mut self, entry: &QueuedUpdate) -> Result<(), PopError> {
+        tracing::info!(store.id = %self.store, round.id = entry.meta.round,
+            "update missing at core, sending it again");
+        match self.send_entry(entry, true).await {
+            Ok(()) => {
+                self.record(AuditEvent::UpdateResent {
+                    round: entry.meta.round,
+                    update_sha256: entry.sha256.clone(),
+                });
+                Ok(())
+            }
+            Err(err) if err.is_transient() => Err(err),
+            Err(err) => {
+                tracing::warn!(store.id = %self.store, round.id = entry.meta.round,
+                    error = %err, "re-sent update refused by the pop");
+                Ok(())
+            }
+        }
     }
 
     fn settle(&mut self, entry: &QueuedUpdate, included: bool) {

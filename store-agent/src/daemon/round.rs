@@ -4,13 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use fedmesh_protocol::ids::RoundId;
 use fedmesh_protocol::moments::StatisticsTask;
 use fedmesh_protocol::params::Scope;
 use fedmesh_protocol::secagg::{Masking, PackedVector, SecAggPlan, StoreSession, UnmaskState};
 use fedmesh_protocol::update::clip_l2;
 use fedmesh_protocol::wire::{
-    self, CoreMessage, RoundAnnouncement, SecAggStep, StoreMessage, UpdateHeader,
+    self, CoreMessage, ReceiptStatus, RoundAnnouncement, RoundReceipt, SecAggStep, StoreMessage,
+    UpdateHeader,
 };
 use rand::RngCore;
 use rand::rngs::OsRng;
@@ -36,6 +39,9 @@ use crate::weights::Weights;
 
 /// Slack after a phase deadline before the store stops waiting for core.
 const DEADLINE_SLACK_MS: u64 = 2_000;
+
+/// How often a store waiting for its unmask request asks whether core misses its update.
+const RESEND_CHECK: Duration = Duration::from_millis(250);
 
 /// How a round ended for the store, as logged.
 enum Outcome {
@@ -169,7 +175,7 @@ impl StoreAgent {
         }
 
         // 6. Send; a failed send stays queued and the loop sends it again.
-        let sent = self.send_entry(entry).await;
+        let sent = self.send_entry(entry, false).await;
         if *shutdown.borrow() {
             return Err(Stop::Shutdown);
         }
@@ -179,7 +185,7 @@ impl StoreAgent {
 
         // 7. Unmask: release the shares core asks for.
         if session.plan().masking() == Masking::Secure
-            && let Err(reason) = self.unmask(session, round, shutdown).await?
+            && let Err(reason) = self.unmask(session, round, Some(entry), shutdown).await?
         {
             tracing::warn!(store.id = %self.store, round.id = round.round.0,
                 reason = %reason, "unmask step not answered");
@@ -370,6 +376,7 @@ impl StoreAgent {
             loss,
             // The queue entry's id, set when it is sent.
             upload_id: String::new(),
+            resent: false,
         };
         let meta = UpdateMeta {
             round: round.round.0,
@@ -426,7 +433,13 @@ impl StoreAgent {
             return Ok(Err(format!("key advert: {e}")));
         }
         let keys = self
-            .poll_step(round, SecAggStep::Keys, round.deadlines.shares_ms, shutdown)
+            .poll_step(
+                round,
+                SecAggStep::Keys,
+                round.deadlines.shares_ms,
+                None,
+                shutdown,
+            )
             .await?;
         let shares = match keys {
             Ok(CoreMessage::NeighbourKeys(keys)) => {
@@ -448,6 +461,7 @@ impl StoreAgent {
                 round,
                 SecAggStep::Shares,
                 round.deadlines.upload_ms,
+                None,
                 shutdown,
             )
             .await?;
@@ -465,15 +479,12 @@ impl StoreAgent {
         &mut self,
         session: &mut StoreSession,
         round: &RoundAnnouncement,
+        entry: Option<&QueuedUpdate>,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Result<(), String>, Stop> {
+        let unmask_ms = round.deadlines.unmask_ms;
         let request = self
-            .poll_step(
-                round,
-                SecAggStep::Unmask,
-                round.deadlines.unmask_ms,
-                shutdown,
-            )
+            .poll_step(round, SecAggStep::Unmask, unmask_ms, entry, shutdown)
             .await?;
         let request = match request {
             Ok(CoreMessage::Unmask(request)) => request,
@@ -493,6 +504,21 @@ impl StoreAgent {
         let path = wire::secagg(round.round);
         let posted = self.post_step(&path, &msg, round.deadlines.unmask_ms, shutdown);
         Ok(posted.await?.map_err(|e| e.to_string()))
+    }
+
+    /// Asks core's receipt for `entry` and sends the update again if core says no PoP
+    /// brought it; a failure is retried at the next check.
+    async fn resend_if_missing(&mut self, round: RoundId, entry: &QueuedUpdate) {
+        let receipt = self
+            .pop
+            .get_json::<RoundReceipt>(&wire::receipt(round))
+            .await;
+        if let Ok(Some(r)) = receipt
+            && r.round == round
+            && r.status == ReceiptStatus::Resend
+        {
+            let _ = self.resend_entry(entry).await;
+        }
     }
 
     /// Saves what answers this round's unmask request, readable by the agent only.
@@ -543,7 +569,17 @@ impl StoreAgent {
         };
         tracing::info!(store.id = %self.store, round.id = round.round.0,
             "resuming the round's unmask step after a restart");
-        if let Err(reason) = self.unmask(&mut session, round, shutdown).await? {
+        // This round's update, if it is still queued: kept alive while the request is
+        // awaited, in case the PoP that held it died with the process.
+        let entry = self
+            .queue
+            .list()
+            .ok()
+            .and_then(|entries| entries.into_iter().find(|e| e.meta.round == round.round.0));
+        if let Err(reason) = self
+            .unmask(&mut session, round, entry.as_ref(), shutdown)
+            .await?
+        {
             tracing::warn!(store.id = %self.store, round.id = round.round.0,
                 reason = %reason, "unmask step not answered");
         }
@@ -583,14 +619,20 @@ impl StoreAgent {
 
     /// Polls one secure-aggregation step until core answers, the deadline (plus slack)
     /// passes, or shutdown is asked for.
+    ///
+    /// Meanwhile `upload`, the round's queued update, is kept alive while uploads are open:
+    /// when core's receipt says no PoP brought it (the PoP that acknowledged it died before
+    /// forwarding), it is sent again through whichever PoP answers now.
     async fn poll_step(
-        &self,
+        &mut self,
         round: &RoundAnnouncement,
         step: SecAggStep,
         deadline_ms: u64,
+        upload: Option<&QueuedUpdate>,
         shutdown: &watch::Receiver<bool>,
     ) -> Result<Result<CoreMessage, PopError>, Stop> {
         let path = wire::secagg_step(round.round, step);
+        let mut receipt_due = Instant::now();
         loop {
             if *shutdown.borrow() {
                 return Err(Stop::Shutdown);
@@ -601,6 +643,13 @@ impl StoreAgent {
                 Err(e) if e.is_transient() => Some(e),
                 Err(e) => return Ok(Err(e)),
             };
+            if let Some(entry) = upload
+                && now_ms() < round.deadlines.upload_ms
+                && Instant::now() >= receipt_due
+            {
+                receipt_due = Instant::now() + RESEND_CHECK;
+                self.resend_if_missing(round.round, entry).await;
+            }
             if now_ms() > deadline_ms + DEADLINE_SLACK_MS {
                 let reason = format!("no {} reply before the deadline", step.as_str());
                 return Ok(Err(

@@ -6,7 +6,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -83,6 +84,7 @@ pub async fn start_server(source: Arc<dyn SvidSource>, router: Router) -> Result
         quic_addr: LOCALHOST.parse()?,
         tcp_addr: Some(LOCALHOST.parse()?),
         keepalive: fast_keepalive(),
+        stateless_reset_key: None,
     };
     Ok(Server::bind(config, source, router).await?)
 }
@@ -264,4 +266,65 @@ pub fn seconds_from_now(seconds: u64) -> SystemTime {
 
 pub fn bytes(text: &str) -> Bytes {
     Bytes::copy_from_slice(text.as_bytes())
+}
+
+/// Forwards one client's UDP to a server. Cut, it drops everything both ways, like a store
+/// whose WAN link died; moved, the client's next packets reach another server, as the
+/// anycast front sends them when a PoP dies.
+pub struct UdpRelay {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    target: Arc<Mutex<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpRelay {
+    pub async fn start(server: SocketAddr) -> Result<Self> {
+        let front = tokio::net::UdpSocket::bind(LOCALHOST).await?;
+        let back = tokio::net::UdpSocket::bind(LOCALHOST).await?;
+        let addr = front.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(Mutex::new(server));
+        let (c, t) = (Arc::clone(&cut), Arc::clone(&target));
+        let task = tokio::spawn(async move {
+            let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+            let mut client = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let to = *t.lock().expect("target");
+                        if !c.load(Ordering::Relaxed) {
+                            let _ = back.send_to(&up[..n], to).await;
+                        }
+                    }
+                    Ok((n, _)) = back.recv_from(&mut down) => {
+                        if let (Some(to), false) = (client, c.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&down[..n], to).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            cut,
+            target,
+            task,
+        })
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+    }
+
+    pub fn move_to(&self, server: SocketAddr) {
+        *self.target.lock().expect("target") = server;
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
