@@ -862,6 +862,39 @@ async fn a_round_resumes_after_core_restarts_between_upload_and_unmasking() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_resumes_after_core_restarts_while_its_candidate_is_evaluated() -> Result<()> {
+    let mut mesh = Mesh::start(|text| {
+        *text = text.replace("evaluation_s = 5", "evaluation_s = 30");
+    })
+    .await?;
+    let announcement = mesh.announcement().await?;
+    let round = announcement.round;
+    let mut cohort = mesh.exchange_keys(&announcement).await?;
+    let quantised = mesh.upload_and_unmask(round, &mut cohort).await?;
+
+    // 1. The candidate is out for evaluation: core has unmasked and aggregated.
+    let mut candidate = None;
+    for _ in 0..MAX_STEPS {
+        if let Some(task) = mesh.announcement().await?.evaluation {
+            candidate = Some(task.candidate_sha256);
+            break;
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    let candidate = candidate.context("the candidate was never sent for evaluation")?;
+
+    // 2. Core dies before any report: it comes back with the same candidate, takes the
+    //    report and publishes the FedAvg of the three updates, once.
+    mesh.restart().await?;
+    assert_eq!(mesh.evaluate(round, 0.9).await?, candidate);
+    mesh.publishes_fedavg_of(&cohort, &quantised).await?;
+    let status = mesh.status().await?;
+    assert_eq!(status["rounds_completed"], 1, "{status:#}");
+    assert_eq!(status["current_version"], 1, "{status:#}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_drops_after_sharing_is_unmasked_and_left_out() -> Result<()> {
     // Four reports are enough and five stores are selected, so one may drop (five stores
     // share among all four others with threshold 3; three stores could lose none).
