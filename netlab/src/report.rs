@@ -162,29 +162,30 @@ fn pooled_rmse(outcome: &Outcome, tests: &BTreeMap<String, Examples>, blob: &[u8
             Precision::F32,
         )?;
         // The store's checkpoint holds every parameter; only its local ones (the head) are
-        // the store's own, the shared ones come from the published blob.
+        // the store's own, the shared ones come from the published blob. A store that never
+        // trained has no checkpoint and keeps the fresh head it would start from (at the
+        // announced target mean), never whatever head the blob may carry.
         let checkpoint = store.state_dir.join("local.safetensors");
-        let weights = if checkpoint.exists() {
-            let local: BTreeSet<&str> = model
-                .parameters()
-                .iter()
-                .filter(|p| p.local)
-                .map(|p| p.name.as_str())
-                .collect();
-            let mut combined = Weights::read(&checkpoint)?;
-            for tensor in &mut combined.tensors {
-                if let (false, Some(global)) = (
-                    local.contains(tensor.name.as_str()),
-                    shared.get(&tensor.name),
-                ) {
-                    *tensor = global.clone();
-                }
-            }
-            combined
+        let mut combined = if checkpoint.exists() {
+            Weights::read(&checkpoint)?
         } else {
-            shared.clone()
+            model.weights()
         };
-        model.load(&weights)?;
+        let local: BTreeSet<&str> = model
+            .parameters()
+            .iter()
+            .filter(|p| p.local)
+            .map(|p| p.name.as_str())
+            .collect();
+        for tensor in &mut combined.tensors {
+            if let (false, Some(global)) = (
+                local.contains(tensor.name.as_str()),
+                shared.get(&tensor.name),
+            ) {
+                *tensor = global.clone();
+            }
+        }
+        model.load(&combined)?;
         let predicted = fedmesh_store_agent::eval::predict(&model, test);
         let values: Vec<f32> = Vec::<f32>::try_from(predicted.flatten(0, -1))?;
         predictions.extend(values);
