@@ -105,6 +105,26 @@ fn secure_rounds_commit_and_publish_a_better_model_than_the_mean() -> Result<()>
 }
 
 #[test]
+fn a_store_that_never_trained_is_scored_with_the_head_it_would_start_from() -> Result<()> {
+    let run = run("one-round.toml")?;
+    assert_committed(&run.summary, 1);
+    let untrained = std::fs::read_dir(run.out.join("state/store"))?
+        .filter_map(|e| e.ok())
+        .filter(|e| !e.path().join("local.safetensors").exists())
+        .count();
+    assert!(
+        untrained >= 1,
+        "every store trained; the test needs one that did not"
+    );
+    // Scored with the head the published blob carries (the initial one, at zero) instead,
+    // such a store's rows put the pooled RMSE near 3; the mean predictor scores 1.123
+    // (shared/DESIGN.md) and one round of training does better.
+    let rmse = run.summary["final_test_rmse"].as_f64().expect("final rmse");
+    assert!(rmse < 1.123, "final rmse {rmse}");
+    Ok(())
+}
+
+#[test]
 fn rounds_commit_over_the_http2_fallback_when_udp_is_blocked() -> Result<()> {
     let run = run("udp-blocked.toml")?;
     assert_healthy(&run.summary, 2);
