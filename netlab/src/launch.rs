@@ -781,22 +781,28 @@ fn update_fates(log: &Path) -> UpdateFates {
     let Ok(text) = std::fs::read_to_string(log) else {
         return fates;
     };
+    use fedmesh_store_agent::audit::AuditEvent;
     let mut held = BTreeSet::new();
-    for line in text.lines() {
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        let key = (
-            entry["round"].as_u64().unwrap_or(0),
-            entry["update_sha256"].as_str().unwrap_or("").to_owned(),
-        );
-        match entry["event"].as_str() {
-            Some("update_held") => {
-                held.insert(key);
+    // Each line is the event's fields beside the chain's own (sequence, time, hashes).
+    for event in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<AuditEvent>(l).ok())
+    {
+        match event {
+            AuditEvent::UpdateHeld {
+                round,
+                update_sha256,
+                ..
+            } => {
+                held.insert((round, update_sha256));
             }
-            Some("update_resent") => fates.resent += 1,
-            Some("upload_confirmed") if entry["included"] == false && held.contains(&key) => {
-                fates.held_not_included.push(key.0);
+            AuditEvent::UpdateResent { .. } => fates.resent += 1,
+            AuditEvent::UploadConfirmed {
+                round,
+                update_sha256,
+                included: false,
+            } if held.contains(&(round, update_sha256.clone())) => {
+                fates.held_not_included.push(round);
             }
             _ => {}
         }
@@ -999,8 +1005,7 @@ fn write_pop_config(
     let reset_key = layout.keys.join("anycast-reset.key");
     if !reset_key.exists() {
         use std::os::unix::fs::OpenOptionsExt;
-        let bytes: [u8; 32] = rand::random();
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = hex::encode(rand::random::<[u8; 32]>());
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

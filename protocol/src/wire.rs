@@ -378,9 +378,10 @@ pub enum ReceiptStatus {
     /// The round closed (or moved past uploads) without the store's update: drop it.
     NotIncluded,
     /// Uploads are still open, the PoPs' forwarding time has passed, and no PoP brought
-    /// the store's update: the PoP that acknowledged it is gone or cut off. A store that
-    /// holds an acknowledged update sends it again, marked [`UpdateHeader::resent`],
-    /// through whichever PoP answers; a store that never uploaded ignores this.
+    /// the store's update: the PoP that acknowledged it is gone or cut off, or the store's
+    /// own upload never got through. A store with the round's update still queued sends
+    /// it, marked [`UpdateHeader::resent`], through whichever PoP answers (PoPs take such
+    /// an update until the upload deadline); a store with nothing queued ignores this.
     Resend,
 }
 

@@ -333,10 +333,7 @@ impl ResetKey {
             ));
         }
         let mut bytes = [0u8; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
-                .map_err(|_| "not hexadecimal".to_owned())?;
-        }
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| "not hexadecimal".to_owned())?;
         Ok(Self(bytes))
     }
 }

@@ -377,15 +377,8 @@ impl Rounds {
             state.open = Some(open_part(&self.root, state)?);
         }
         let part = state.open.as_mut().ok_or(Rejection::RoundClosed(round))?;
-        let fold_header = fold::UpdateHeader {
-            store: store.clone(),
-            round,
-            model_version: header.model_version,
-            ring_bits: header.ring_bits,
-            len: header.len as usize,
-        };
         part.acc
-            .begin(store, &fold_header, decision)
+            .begin(store, &fold_header(store, header), decision)
             .map(|fold| Admission::Fold(Box::new(fold)))
     }
 
@@ -661,14 +654,7 @@ fn begin_resent(
     part.acc = RoundAccumulator::open(spec);
     let marker = part.dir_path(root, round).join(RESENT_MARKER);
     write_atomic(&marker, b"").map_err(|e| Rejection::Interrupted(e.to_string()))?;
-    let fold_header = fold::UpdateHeader {
-        store: store.clone(),
-        round,
-        model_version: header.model_version,
-        ring_bits: header.ring_bits,
-        len: header.len as usize,
-    };
-    let fold = part.acc.begin(store, &fold_header, decision);
+    let fold = part.acc.begin(store, &fold_header(store, header), decision);
     match fold {
         Ok(fold) => {
             state.resending.insert(store.clone(), part);
@@ -678,6 +664,17 @@ fn begin_resent(
             let _ = fs::remove_dir_all(part.dir_path(root, round));
             Err(rejection)
         }
+    }
+}
+
+/// What the fold checks of an upload's header, credited to the authenticated `store`.
+fn fold_header(store: &StoreId, header: &wire::UpdateHeader) -> fold::UpdateHeader {
+    fold::UpdateHeader {
+        store: store.clone(),
+        round: header.round,
+        model_version: header.model_version,
+        ring_bits: header.ring_bits,
+        len: header.len as usize,
     }
 }
 
